@@ -1,0 +1,12 @@
+import os, tempfile
+from pathlib import Path
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Tests never touch the user's cache: datasets and models made under test go to a fresh folder.
+os.environ.setdefault('FREELUNCH_HOME', tempfile.mkdtemp(prefix='freelunch-test-home-'))
+os.environ.setdefault('MPLBACKEND', 'Agg')
+
+@pytest.fixture(scope='session')
+def root(): return ROOT
