@@ -10,3 +10,6 @@ os.environ.setdefault('MPLBACKEND', 'Agg')
 
 @pytest.fixture(scope='session')
 def root(): return ROOT
+
+import atexit, shutil
+atexit.register(shutil.rmtree, os.environ['FREELUNCH_HOME'], True) if 'freelunch-test-home-' in os.environ['FREELUNCH_HOME'] else None
