@@ -62,10 +62,14 @@ def test_prepare_resumes_after_sigkill(synth, tmp_path):
     "Killed at any moment, a rerun ends with the same index and frames as an uninterrupted run."
     args = ['prepare', synth, None, '--fps', 5, '--size', 48, '--workers', 1]
     args[2] = tmp_path/'ref'; fl(*args)
-    args[2] = tmp_path/'killed'
-    for delay in (0.5, 1.5):
+    out = args[2] = tmp_path/'killed'
+    # kill once while the first frames are written, once after the first video is complete
+    for ready in (lambda: any((out/'frames').rglob('*.jpg')), lambda: any((out/'parts').glob('*.csv'))):
         p = subprocess.Popen([BIN, *map(str, args)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(delay); p.send_signal(signal.SIGKILL); p.wait()
+        t = time.time()
+        while not ready() and p.poll() is None and time.time() - t < 60: time.sleep(0.01)
+        p.send_signal(signal.SIGKILL); p.wait()
+    assert not (out/'index.csv').exists(), "the run finished before it could be killed"
     fl(*args)
     ref, got = pd.read_csv(tmp_path/'ref'/'index.csv'), pd.read_csv(tmp_path/'killed'/'index.csv')
     pd.testing.assert_frame_equal(ref, got)
@@ -75,7 +79,7 @@ def test_prepare_resumes_after_sigkill(synth, tmp_path):
 @pytest.mark.parametrize('make,args,msg', [
     (lambda d: d.mkdir(), ['prepare', '{d}', '{d}_out'], 'empty folder'),
     (lambda d: None, ['prepare', '{d}', '{d}_out'], 'no such folder'),
-    (lambda d: (d.mkdir(), (d/'notes.txt').write_text('mine')), ['synth', '{d}', *TINY], 'notes.txt'),
+    (lambda d: (d.mkdir(), (d/'notes.txt').write_text('mine')), ['synth', '{d}', *TINY], 'not a SynthCholec folder'),
 ])
 def test_errors_are_clear(tmp_path, make, args, msg):
     d = tmp_path/'x'; make(d)
