@@ -7,6 +7,11 @@ ROOT = Path(__file__).resolve().parents[1]
 # Tests never touch the user's cache: datasets and models made under test go to a fresh folder.
 os.environ.setdefault('FREELUNCH_HOME', tempfile.mkdtemp(prefix='freelunch-test-home-'))
 os.environ.setdefault('MPLBACKEND', 'Agg')
+# Under `pytest -n 2` two workers share the cores: one thread each (and in the processes they start)
+# avoids the oversubscription that slows torch down several times.
+if os.environ.get('PYTEST_XDIST_WORKER'):
+    os.environ.setdefault('OMP_NUM_THREADS', '1')
+    import torch; torch.set_num_threads(int(os.environ['OMP_NUM_THREADS']))
 
 @pytest.fixture(scope='session')
 def root(): return ROOT

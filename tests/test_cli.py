@@ -98,3 +98,13 @@ def test_missing_annotation_is_named(synth, tmp_path):
     (raw/'phase_annotations'/'video02-phase.txt').unlink()
     r = fl('prepare', raw, tmp_path/'out', check=False)
     assert r.returncode == 2 and 'videos without a phase annotation' in r.stderr and 'video02.mp4' in r.stderr
+
+def test_pretrain_from_the_command_line(synth, tmp_path):
+    "`freelunch pretrain` trains on the prepared frames, writes a checkpoint and metrics, and resumes."
+    fl('prepare', synth, tmp_path/'prep', '--fps', 1, '--size', 32)
+    args = ['pretrain', tmp_path/'prep', tmp_path/'run', '--arch', 'tiny', '--size', 32, '--batch', 8,
+            '--queue', 32, '--epochs', 2, '--max-steps', 3]
+    fl(*args)
+    assert (tmp_path/'run'/'checkpoints'/'last.pt').is_file() and (tmp_path/'run'/'config.json').is_file()
+    r = fl(*args[:-2], '--max-steps', 5, '--resume')
+    assert 'run written to' in r.stdout
