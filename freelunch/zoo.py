@@ -243,7 +243,11 @@ GENERIC_TEST = dict(images=128, image_size=48, size=32, epochs=2, batch=32)   # 
 
 def offline_model(arch: str = 'resnet18', quiet: bool = False) -> Path:
     "The offline free model's run folder for `arch`, trained first if it is not cached (a token version under IN_TEST)."
-    return pretrain_generic(arch=arch, quiet=quiet, **test_size({}, GENERIC_TEST))
+    import fcntl
+    run = generic_run(arch)
+    with open(zoo_dir()/f'.{run.name}.lock', 'w') as lock:    # two notebooks open at once train it only once
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return pretrain_generic(arch=arch, quiet=quiet, **test_size({}, GENERIC_TEST))
 
 # %% ../nbs/06_zoo.ipynb #b645cb2d
 def free_model(arch: str = 'resnet50', quiet: bool = False) -> str:

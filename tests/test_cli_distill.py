@@ -28,6 +28,14 @@ def prep(tmp_path_factory):
     prepare(d/'raw', d/'prep', fps=5, size=32, workers=1)
     return d/'prep'
 
+@pytest.fixture(scope='module', autouse=True)
+def own_home(tmp_path_factory):
+    "This module's models live in a FREELUNCH_HOME of their own: the chapters' tests (other workers) train a different offline model."
+    old = os.environ['FREELUNCH_HOME']
+    os.environ['FREELUNCH_HOME'] = str(tmp_path_factory.mktemp('home'))
+    yield
+    os.environ['FREELUNCH_HOME'] = old
+
 @pytest.fixture(scope='module')
 def generic():
     "The offline free model (tiny ConvNet, a few steps on dead-leaves images) in the test's FREELUNCH_HOME."
