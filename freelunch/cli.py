@@ -87,17 +87,13 @@ def format_summary(s: dict) -> str:
     return '\n'.join(lines)
 
 # %% ../nbs/14_cli.ipynb #20827520
-CHAPTERS = ('freelunch.zoo', 'freelunch.distill', 'freelunch.finetune', 'freelunch.tcn', 'freelunch.metrics')
+CHAPTERS = ('freelunch.zoo', 'freelunch.distill', 'freelunch.finetune', 'freelunch.tcn', 'freelunch.metrics',
+            'freelunch.pipeline')
 
 def _chapters() -> list:
-    "The modules of `CHAPTERS` that define `add_cli`."
+    "The modules of `CHAPTERS`, each of which defines `add_cli`."
     import importlib
-    mods = []
-    for name in CHAPTERS:
-        try: mods.append(importlib.import_module(name))
-        except ModuleNotFoundError as e:
-            if e.name != name: raise               # a missing dependency is an error, not a missing chapter
-    return [m for m in mods if hasattr(m, 'add_cli')]
+    return [importlib.import_module(name) for name in CHAPTERS]
 
 # %% ../nbs/14_cli.ipynb #6cb1a896
 def _parser():
