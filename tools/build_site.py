@@ -15,7 +15,7 @@ The folder is replaced whole when the build succeeds (built beside it, then rena
 lists the pages, their figures and API entries.
 """
 from __future__ import annotations
-import argparse, fnmatch, hashlib, html, json, os, posixpath, re, shutil, sys, tempfile, time, warnings
+import argparse, ast, fnmatch, hashlib, html, json, os, posixpath, re, shutil, sys, tempfile, time, warnings
 from concurrent.futures import ProcessPoolExecutor
 from configparser import ConfigParser
 from multiprocessing import get_context
@@ -191,6 +191,31 @@ def _mixed_imports(cell):
     if all(isinstance(t, defs) for t in trees): return None      # imports and definitions: cheap, run as nbdev does
     return '\n'.join(ast.unparse(t) for t in imports)
 
+_IPY_NAMES = {'display', 'get_ipython', 'In', 'Out', 'exit', 'quit', '_', '__', '___'}
+
+def _names(trees) -> tuple[set, set]:
+    """(names read, names bound) when statements `trees` run at top level: function bodies and lambdas
+    do not run then, their defaults and decorators do. A star import binds everything (`*`)."""
+    loads, stores = set(), set()
+    class V(ast.NodeVisitor):
+        def visit_Name(self, n): (loads if isinstance(n.ctx, ast.Load) else stores).add(n.id)
+        def _func(self, n):
+            stores.add(n.name)
+            for d in n.decorator_list + n.args.defaults + [x for x in n.args.kw_defaults if x]: self.visit(d)
+        visit_FunctionDef = visit_AsyncFunctionDef = _func
+        def visit_Lambda(self, n):
+            for d in n.args.defaults + [x for x in n.args.kw_defaults if x]: self.visit(d)
+        def visit_ClassDef(self, n): stores.add(n.name); self.generic_visit(n)
+        def visit_Import(self, n): stores.update((a.asname or a.name).split('.')[0] for a in n.names)
+        def visit_ImportFrom(self, n): stores.update(a.asname or a.name for a in n.names)
+        def visit_ExceptHandler(self, n):
+            if n.name: stores.add(n.name)
+            self.generic_visit(n)
+        def visit_arg(self, n): stores.add(n.arg)
+    for t in trees or []: V().visit(t)
+    if '*' in stores: loads.clear()
+    return loads, stores
+
 def _exporter():
     from jinja2 import DictLoader
     from nbconvert import HTMLExporter
@@ -216,7 +241,8 @@ def _render(nb_path: str, root: str) -> dict:
     from execnb.nbio import read_nb, nb2dict
     from nbdev.processors import FilterDefaults
     from nbdev.processors import exec_show_docs
-    name, errors, mixed = Path(nb_path).name, [], []
+    import builtins
+    name, errors, mixed, ran_whole = Path(nb_path).name, [], [], set()
 
     def first_line(cell):
         return next((l for l in cell.source.splitlines() if l.strip() and not l.startswith('#|')), '').strip()[:70]
@@ -235,6 +261,12 @@ def _render(nb_path: str, root: str) -> dict:
                              f"first one that fails): give its imports a cell of their own.")
                 if src: self.k.run(src)
                 if self.k.exc: raise self.k.exc
+                loads, stores = _names(cell.parsed_())
+                known = set(self.k.user_ns) | set(dir(builtins)) | ran_whole | _IPY_NAMES
+                free = sorted(loads - stores - known)
+                if free: raise NameError(f"name {free[0]!r} is not defined (nbdev would run this cell without the "
+                                         f"demo cells before it)")
+                ran_whole.update(stores)             # nbdev ran it whole: what it defines exists from here on
             except Exception as e:
                 self.k.exc = None                   # else every later cell reports the same error
                 err = e.__cause__ or e
@@ -361,29 +393,34 @@ def _navbar_html(cfg, site_title, fix) -> str:
     return (f'<header class="site-navbar"><a class="site-title" href="index.html">{html.escape(site_title)}</a>'
             f'{items("left")}<span class="site-right">{items("right")}</span></header>')
 
-def _finish_page(raw: str, nb: str, info: dict, ctx: dict) -> tuple[str, dict]:
-    "Turn nbconvert's page into a site page; also returns what the manifest says about it."
+def _finish_page(raw: str, nb: str, info: dict, ctx: dict) -> tuple:
+    "Turn nbconvert's page into a site page (a soup); also returns what the manifest says about it."
     from bs4 import BeautifulSoup
     soup = BeautifulSoup(raw, 'html.parser')
     main = soup.find('main') or soup.body
-    # headings: pandoc's ids (what nbdev's API links use), the Jupyter-style id kept as an extra anchor
-    seen, api = set(), []
-    for h in main.find_all(re.compile(r'^h[1-6]$')):
+    # headings: pandoc's ids (what nbdev's API links use); show_doc entries (headings in a cell's markdown
+    # output) choose first, so `#segments` is the function even under a section called "Segments".
+    heads = main.find_all(re.compile(r'^h[1-6]$'))
+    def is_api(h):
+        out = h.find_parent(class_='jp-OutputArea-output')
+        return out is not None and out.get('data-mime-type') == 'text/markdown' and h.name in ('h2', 'h3', 'h4')
+    seen, api, old_ids = set(), [], {}
+    for h in sorted(heads, key=lambda h: not is_api(h)):
         for a in h.find_all('a', class_='anchor-link'): a.extract()
-        text = h.get_text(' ', strip=True)
-        new = base = pandoc_id(text); k = 0
+        new = base = pandoc_id(h.get_text(' ', strip=True)); k = 0
         while new in seen: k += 1; new = f'{base}-{k}'
         seen.add(new)
-        old = h.get('id')
+        if h.get('id') and h['id'] != new: old_ids[h['id']] = h
         h['id'] = new
-        if old and old != new and old not in seen:
-            seen.add(old); h.insert(0, soup.new_tag('span', id=old))
         anchor = soup.new_tag('a', href=f'#{new}', attrs={'class': 'anchor-link'}); anchor.string = '¶'
         h.append(anchor)
-        out = h.find_parent(attrs={'data-mime-type': 'text/markdown'})
-        if out is not None and h.name in ('h2', 'h3', 'h4'): api.append(new)   # a show_doc entry
+        if is_api(h): api.append(new)
+    for old, h in old_ids.items():                   # Jupyter's ids (`#Progress-bars`) still lead there
+        if old not in seen: seen.add(old); h.insert(0, soup.new_tag('span', id=old))
+    api = [h['id'] for h in heads if h['id'] in set(api)]
     # links
     for a in soup.find_all('a', href=True):
+        if ctx['site_url'] and a['href'].startswith(ctx['site_url']): a['data-autolink'] = ''   # nbdev's API link
         a['href'] = ctx['fix'](a['href'])
         if a.get_text(strip=True) == 'source' and a['href'].startswith(ctx['repo_blob']): a['class'] = ['source-link']
     images = len([i for i in main.find_all('img') if str(i.get('src', '')).startswith('data:image/')])
@@ -391,6 +428,7 @@ def _finish_page(raw: str, nb: str, info: dict, ctx: dict) -> tuple[str, dict]:
     title = info['title']
     if soup.title: soup.title.string = title if nb == 'index.ipynb' else f"{title} – {ctx['site_title']}"
     for s in soup.head.find_all('style'): s.extract()
+    soup.head.append(soup.new_tag('link', rel='icon', href='data:,'))      # no favicon request to fail
     soup.head.append(soup.new_tag('link', rel='stylesheet', href=ctx['css']))
     soup.head.append(soup.new_tag('link', rel='stylesheet', href='site.css'))
     if info['description']:
@@ -413,7 +451,30 @@ def _finish_page(raw: str, nb: str, info: dict, ctx: dict) -> tuple[str, dict]:
     layout.insert(0, BeautifulSoup(_nav_html(ctx['plan'], ctx['titles'], ctx['pages'], nb), 'html.parser'))
     soup.body.insert(0, BeautifulSoup(ctx['navbar'], 'html.parser'))
     soup.body['class'] = (soup.body.get('class') or []) + ['site']
-    return str(soup), dict(notebook=nb, page=ctx['pages'][nb], title=title, images=images, api=api)
+    return soup, dict(notebook=nb, page=ctx['pages'][nb], title=title, images=images, api=api)
+
+def _fix_api_links(soups: dict, notes: list):
+    """nbdev links every backticked name its index knows, private ones and methods too, to `page#name`;
+    where that page has no such entry, link the class (`#cls` for `Cls.meth`) or leave plain code."""
+    ids = {page: {t['id'] for t in s.find_all(id=True)} for page, s in soups.items()}
+    for page, s in soups.items():
+        for a in s.find_all('a', attrs={'data-autolink': True}):
+            del a['data-autolink']
+            path, _, frag = a['href'].partition('#')
+            if not frag or path not in ids or frag in ids[path]: continue
+            cls = frag.split('.')[0]
+            if '.' in frag and cls in ids[path]: a['href'] = f'{path}#{cls}'; continue
+            notes.append(f"{page}: `{a.get_text(strip=True)}` has no API entry on {path}: shown without a link")
+            a.unwrap()
+
+def _worker_task():
+    """`render_notebook` as the module `build_site`, importable by name in the workers. They find their task
+    by module name, and nbdev's IPython shell (it runs the show_doc cells) replaces `sys.modules['__main__']`
+    in them, so neither a script's `__main__` nor a module loaded from its path without a name will do."""
+    import importlib
+    here = str(Path(__file__).resolve().parent)
+    if here not in sys.path: sys.path.insert(0, here)     # spawned workers start with the parent's sys.path
+    return importlib.import_module('build_site').render_notebook
 
 def _styles(raw: str) -> str:
     return '\n'.join(m for m in re.findall(r'<style[^>]*>(.*?)</style>', raw.split('</head>')[0], re.S))
@@ -437,7 +498,7 @@ def build(out=DEFAULT_OUT, root=ROOT, jobs: int = None, log=print) -> dict:
     jobs = max(1, min(jobs or min(2, os.cpu_count() or 1), len(names)))
     log(f"rendering {len(names)} notebooks from {nbs} with {jobs} worker(s)")
     with ProcessPoolExecutor(jobs, mp_context=get_context('spawn')) as ex:
-        futs = {n: ex.submit(render_notebook, str(nbs/n), str(root)) for n in order}
+        futs = {n: ex.submit(_worker_task(), str(nbs/n), str(root)) for n in order}
         done = {}
         for n, f in futs.items():
             done[n] = f.result()
@@ -447,15 +508,15 @@ def build(out=DEFAULT_OUT, root=ROOT, jobs: int = None, log=print) -> dict:
             log(f"  {n} -> {nb_pages[n]}")
     import yaml
     qcfg = yaml.safe_load(qy.read_text(encoding='utf-8')) or {}
-    site_url = (st.get('doc_host', '') + st.get('doc_baseurl', '')).rstrip('/') + '/'
+    site_url = (st['doc_host'] + st.get('doc_baseurl', '')).rstrip('/') + '/' if st.get('doc_host') else ''
     git_url = ((qcfg.get('website') or {}).get('repo-url') or st.get('git_url', '')).rstrip('/')
     repo_blob = f"{git_url}/blob/{st.get('branch', 'main')}"
     site_title = str((qcfg.get('website') or {}).get('title') or st.get('title') or st.get('lib_name', ''))
-    fix_for = lambda nb_dir: (lambda h: rewrite_href(h, pages, site_url if site_url != '/' else '', nb_dir, root, repo_blob))
+    fix_for = lambda nb_dir: (lambda h: rewrite_href(h, pages, site_url, nb_dir, root, repo_blob))
     css = _styles(done[order[0]]['html'])
     css_name = f"notebook-{hashlib.sha256(css.encode()).hexdigest()[:10]}.css"
     titles = {n: done[n]['title'] for n in order}
-    ctx = dict(plan=plan, order=order, pages=nb_pages, titles=titles, site_title=site_title, css=css_name,
+    ctx = dict(plan=plan, order=order, pages=nb_pages, titles=titles, site_title=site_title, css=css_name, site_url=site_url,
                repo_blob=repo_blob, nbs_rel=nbs.relative_to(root).as_posix(), fix=fix_for(nbs))
     ctx['navbar'] = _navbar_html(qcfg, site_title, ctx['fix'])
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -465,14 +526,15 @@ def build(out=DEFAULT_OUT, root=ROOT, jobs: int = None, log=print) -> dict:
         (tmp/'site.css').write_text(_CSS, encoding='utf-8')
         extra = nbs/'styles.css'
         if extra.exists(): (tmp/'site.css').write_text(_CSS + '\n/* nbs/styles.css */\n' + extra.read_text(), encoding='utf-8')
-        entries = []
+        entries, soups = [], {}
         for n in order:
-            page_html, entry = _finish_page(done[n]['html'], n, done[n], ctx)
+            soups[nb_pages[n]], entry = _finish_page(done[n]['html'], n, done[n], ctx)
             if _styles(done[n]['html']) != css: raise BuildError(f"{n}: nbconvert gave it other styles than the rest")
-            (tmp/nb_pages[n]).write_text(page_html, encoding='utf-8')
             entry['section'] = next(s for s, ns in plan if n in ns)
             entries.append(entry)
         notes = list(dict.fromkeys(x for n in order for x in done[n]['notes']))
+        _fix_api_links(soups, notes)
+        for page, soup in soups.items(): (tmp/page).write_text(str(soup), encoding='utf-8')
         errors = [x for n in order for x in done[n]['errors']]
         mixed = [x for n in order for x in done[n]['mixed']]
         manifest = dict(title=site_title, pages=entries, unlisted=unlisted, errors=errors, mixed_cells=mixed, notes=notes,
@@ -532,9 +594,4 @@ def main(argv=None):
         print(f"build_site: {e}", file=sys.stderr); return 2
     return 0
 
-if __name__ == '__main__':
-    # Run as the module `build_site`, not `__main__`: the workers' IPython shell (nbdev runs show_doc
-    # cells in one) replaces sys.modules['__main__'], and the workers find their tasks by module name.
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import build_site
-    sys.exit(build_site.main())
+if __name__ == '__main__': sys.exit(main())
