@@ -27,10 +27,10 @@ PRESETS = {
         tcn=dict(model='mstcn', stages=2, layers=4, epochs=5),
         fractions=(0.5, 1.0), seeds=1, experiments=('table1', 'fig3')),
     'tiny': dict(
-        synth=dict(videos=16, minutes=2.0, seed=0), prepare=dict(fps=1, size=80),
+        synth=dict(videos=16, minutes=1.5, seed=0), prepare=dict(fps=1, size=80),
         arch='resnet18', size=64, batch=64,
-        free=dict(images=2048, image_size=80, size=64, epochs=8, batch=64),
-        teacher=dict(epochs=10), moco=dict(epochs=12), distill=dict(epochs=12),
+        free=dict(images=1024, image_size=80, size=64, epochs=6, batch=64),
+        teacher=dict(epochs=20, fast=True, pool=6), moco=dict(epochs=10), distill=dict(epochs=10),
         finetune=dict(mode='linear', epochs=10), features_fps=1,
         tcn=dict(model='mstcn', stages=2, layers=8, epochs=30),
         fractions=(0.1, 0.25, 0.5, 1.0), seeds=3, experiments=('table1', 'fig3')),

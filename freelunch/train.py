@@ -260,7 +260,7 @@ def pretrain(prep,                         # prepared folder (its 'train' frames
              m: float = 0.999, tau: float = 0.2, dim: int = 128, wd: float = 1e-4, momentum: float = 0.9,
              bn_splits: int = None,           # chunks BatchNorm sees alone: default 2 in one process, 1 under DDP
              resume: bool = False,            # continue from checkpoints/last.pt if there is one
-             workers: int = None,             # data-loader processes per rank (default: spare cores on GPU, 0 on CPU)
+             workers: int = None,             # data-loader processes per rank (default: spare cores on GPU, half the cores on CPU)
              seed: int = 0,
              ckpt_every: int = None,          # steps between checkpoints (default: each epoch only)
              knn_every: int = 1, knn_k: int = 20, knn_t: float = 0.1, knn_frames: int = 2000,
@@ -326,8 +326,9 @@ def _pretrain(prep, run, method, arch, size, epochs, batch, queue, lr, m, tau, d
     cuda = device.type == 'cuda'
     amp = amp or ('bf16' if cuda else 'off')
     if amp not in ('bf16', 'off'): raise FreelunchError(f"amp={amp!r}: choose 'bf16' or 'off'.")
-    if workers is None:   # on a CPU the model uses every core and views are cheap: make them in-process
-        workers = min(8, max(1, (os.cpu_count() or 1) // world - 1)) if cuda else 0
+    if workers is None:   # MoCo v2's two views of a frame cost about as much CPU as the step: make them alongside
+        cpus = (os.cpu_count() or 1) // world
+        workers = min(8, max(1, cpus - 1)) if cuda else min(4, cpus // 2)
     ds, cfg, meth, model, opt = _setup(prep, run, method, opts, arch, size, epochs, batch, queue, lr, m, tau, dim, wd,
                                        momentum, bn_splits, resume, seed, amp, channels_last, device, rank, world)
     steps_per_epoch, lr = cfg['steps_per_epoch'], cfg['lr']

@@ -217,7 +217,7 @@ def load_backbone(spec, arch: str = None, download_ok: bool = True) -> nn.Module
     return load_encoder(spec, arch, download_ok)[0]
 
 # %% ../nbs/06_zoo.ipynb #81b62f6c
-GENERIC = dict(images=4096, image_size=96, size=64, epochs=15, batch=64, lr=0.06, m=0.99)
+GENERIC = dict(images=2048, image_size=80, size=64, epochs=6, batch=64, lr=0.06, m=0.99)
 
 def pretrain_generic(run=None,                      # run folder (default: `generic_run(arch)` in the cache)
                      arch: str = 'resnet18',
