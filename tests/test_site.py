@@ -184,6 +184,28 @@ def test_links_resolve_and_nothing_loads_from_outside(site):
             if frag and frag not in ids[target]: bad.append(f"{p['page']}: {h}: {target} has no #{frag}")
     assert not bad, '\n'.join(bad)
 
+def _stored_tables(nb):
+    "HTML tables (a DataFrame's display) among the outputs of cells a reader sees."
+    n = 0
+    for c in _cells(nb):
+        if c['cell_type'] != 'code' or re.search(r'^#\|\s*(hide|include:\s*false|output:\s*false)', _src(c), re.M): continue
+        for o in c.get('outputs', []):
+            h = o.get('data', {}).get('text/html', '')
+            n += ('<table' in (''.join(h) if isinstance(h, list) else h))
+    return n
+
+@pytest.mark.parametrize('nb', NOTEBOOKS, ids=[Path(n).stem for n in NOTEBOOKS])
+def test_outputs_render(site, nb):
+    "Stored outputs show as what they are (tables as tables), never as the list of lines the file keeps them in."
+    out, m = site
+    page = next(p for p in m['pages'] if p['notebook'] == nb)
+    s = _soup(out/page['page'])
+    outs = s.select('.jp-OutputArea-output')
+    as_lines = [o.get_text()[:60] for o in outs if re.match(r"\s*\[\s*'[^'\n]*\\n',", o.get_text())]
+    assert not as_lines, f"{page['page']}: outputs shown as lists of lines: {as_lines[:3]}"
+    tables = sum(1 for o in outs if o.get('data-mime-type') == 'text/html' and o.find('table'))
+    assert tables >= _stored_tables(nb), f"{page['page']}: {tables} tables, the notebook stores {_stored_tables(nb)}"
+
 @pytest.mark.parametrize('nb', NOTEBOOKS, ids=[Path(n).stem for n in NOTEBOOKS])
 def test_hidden_cells_stay_hidden(site, nb):
     "`#| hide` cells, nbdev directives and the closing nbdev_export() never reach a page."

@@ -286,7 +286,7 @@ def _render(nb_path: str, root: str) -> dict:
     notes = sorted({str(w.message).strip().splitlines()[0] for w in caught})
     notes = [f"{name}: {m}" if 'FAQ' in m else m for m in notes]
     nb, fm, math = _prepare(json.loads(json.dumps(nb2dict(nb))))
-    nb = nbformat.from_dict(nb)
+    nb = nbformat.v4.rwbase.rejoin_lines(nbformat.from_dict(nb))   # outputs as stored: lists of lines
     try: body, _ = _exporter().from_notebook_node(nb, resources={'metadata': {'name': Path(nb_path).stem}})
     except Exception as e: raise BuildError(f"{name}: nbconvert could not render it: {type(e).__name__}: {e}") from None
     for i, m in enumerate(math): body = body.replace(f'FLMATH{i:05d}Z', m)
