@@ -383,8 +383,8 @@ def extract(prep, out,
         for v, g in todo.items():
             x = embed(f, FrameDataset(prep, transform=t, index=g), batch, device, workers)
             save_checkpoint(out/f'{v}.pt', dict(video=v, split=g.split.iloc[0], fps=float(fps), features=x,
-                                                frames=torch.as_tensor(g.frame.values, dtype=torch.int64),
-                                                phase=torch.as_tensor(g.phase.values, dtype=torch.int64)))
+                                                frames=torch.tensor(g.frame.to_numpy(), dtype=torch.int64),
+                                                phase=torch.tensor(g.phase.to_numpy(), dtype=torch.int64)))
             bar.update(len(g))
     return out
 
