@@ -16,5 +16,14 @@ if os.environ.get('PYTEST_XDIST_WORKER'):
 @pytest.fixture(scope='session')
 def root(): return ROOT
 
+import subprocess, sys
+FREELUNCH_BIN = str(Path(sys.executable).parent/'freelunch')   # the console script of this environment
+
+def run_cli(*args, check=True):
+    "Run the installed `freelunch ARGS` in a subprocess; with `check`, fail unless it exits 0."
+    r = subprocess.run([FREELUNCH_BIN, *map(str, args)], capture_output=True, text=True)
+    if check: assert r.returncode == 0, r.stdout + r.stderr
+    return r
+
 import atexit, shutil
 atexit.register(shutil.rmtree, os.environ['FREELUNCH_HOME'], True) if 'freelunch-test-home-' in os.environ['FREELUNCH_HOME'] else None

@@ -1,17 +1,13 @@
 "The `freelunch` command end to end: synth, prepare, info, resuming, and the errors a user sees."
-import json, os, signal, subprocess, sys, time
+import json, signal, subprocess, time
 from pathlib import Path
 import numpy as np, pandas as pd
 import pytest
+from conftest import run_cli, FREELUNCH_BIN as BIN
 from freelunch.data import read_phase_file, read_tool_file, CHOLEC80_TOOLS
 
-BIN = str(Path(sys.executable).parent/'freelunch')
 TINY = ['--videos', '3', '--minutes', '0.3', '--seed', '1']
-
-def fl(*args, check=True):
-    r = subprocess.run([BIN, *map(str, args)], capture_output=True, text=True)
-    if check: assert r.returncode == 0, r.stdout + r.stderr
-    return r
+fl = run_cli
 
 @pytest.fixture(scope='module')
 def synth(tmp_path_factory):

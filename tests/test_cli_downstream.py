@@ -1,18 +1,12 @@
 "The downstream commands end to end on a tiny SynthCholec: finetune → extract → tcn → prediction files, and their errors."
-import json, subprocess, sys
-from pathlib import Path
-import numpy as np
+import json
 import pytest
+from conftest import run_cli
 import torch
 from freelunch.data import read_phase_file, load_index
 
-BIN = str(Path(sys.executable).parent/'freelunch')
 FAST = ['--arch', 'tiny', '--size', '32']
-
-def fl(*args, check=True):
-    r = subprocess.run([BIN, *map(str, args)], capture_output=True, text=True)
-    if check: assert r.returncode == 0, r.stdout + r.stderr
-    return r
+fl = run_cli
 
 @pytest.fixture(scope='module')
 def data(tmp_path_factory):
