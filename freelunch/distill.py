@@ -4,8 +4,10 @@
 
 # %% ../nbs/08_distill.ipynb #5b1badf5
 from __future__ import annotations
-import copy, json, math, os
+import copy, json, math, os, warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -14,8 +16,9 @@ from .moco import MoCo, Encoder, KeyQueue, backbone, mlp_head, infonce_logits, i
 from .train import Method, METHODS, resolve_spec, init_backbone, load_moco
 
 # %% auto #0
-__all__ = ['soft_targets', 'entropy', 'distill_loss', 'fold_bn', 'Distiller', 'load_teacher', 'DistillMethod', 'similarity_rows',
-           'show_rows', 'targets_explorer', 'FusedBackbone', 'fuse_backbones', 'bench_distill', 'add_cli']
+__all__ = ['soft_targets', 'entropy', 'distill_loss', 'fold_bn', 'quantize_backbone', 'Distiller', 'load_teacher',
+           'DistillMethod', 'similarity_rows', 'show_rows', 'targets_explorer', 'FusedBackbone', 'fuse_backbones',
+           'bench_distill', 'add_cli']
 
 # %% ../nbs/08_distill.ipynb #ff82d0c6
 def soft_targets(sim: torch.Tensor, tau: float = 0.07) -> torch.Tensor:
@@ -52,6 +55,25 @@ def fold_bn(enc: nn.Module) -> nn.Module:
     f.out_dim = getattr(enc.backbone, 'out_dim', None)
     return Encoder(f, enc.head)
 
+# %% ../nbs/08_distill.ipynb #e2281790
+def quantize_backbone(f: nn.Module, x: torch.Tensor) -> nn.Module:
+    "An int8 copy of the frozen backbone `f` for the CPU (float in, float out), calibrated on the images `x`; None if it does not convert."
+    import warnings
+    try:
+        from torch.ao.quantization import get_default_qconfig_mapping
+        from torch.ao.quantization.quantize_fx import prepare_fx, convert_fx
+    except ImportError: return None
+    m = copy.deepcopy(f).eval().cpu()
+    with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):   # (it draws random numbers: keep ours)
+        warnings.simplefilter('ignore')                # the FX quantisation API announces its move to torchao
+        try:
+            m = prepare_fx(m, get_default_qconfig_mapping(torch.backends.quantized.engine), (x[:2].cpu(),))
+            with torch.no_grad(): m(x.cpu())           # calibration: the observers record activation ranges
+            q = convert_fx(m)
+        except Exception: return None
+    q.out_dim = getattr(f, 'out_dim', None)
+    return q
+
 # %% ../nbs/08_distill.ipynb #0109a0f3
 class Distiller(nn.Module):
     "A MoCo student plus KL to a frozen teacher's similarity rows (Eq. 5–7); teacher and student queues in lockstep."
@@ -60,16 +82,19 @@ class Distiller(nn.Module):
                  lam: float = 5.0,               # λ of Eq. 7
                  tau_t: float = 0.07,            # temperature of the soft targets (Eq. 5); the paper's code: 0.2
                  positive: bool = True,          # include the positive column in Eq. 6 (as the authors do)
-                 teacher_views: int = 2):        # 2: q_t from x_q and k_t from x_k (Eq. 5); 1: both from x_q
+                 teacher_views: int = 2,         # 2: q_t from x_q and k_t from x_k (Eq. 5); 1: both from x_q
+                 overlap: bool = True,           # on a CPU, the teacher's passes run beside the student's forward
+                 precision: str = 'auto'):       # the teacher's arithmetic on a CPU: 'auto' (int8) or 'fp32'
         super().__init__()
         if teacher_views not in (1, 2): raise FreelunchError(f"teacher_views={teacher_views}: choose 1 or 2.")
+        if precision not in ('auto', 'fp32'): raise FreelunchError(f"precision={precision!r}: choose 'auto' or 'fp32'.")
         self.student, self.lam, self.tau_t, self.positive, self.teacher_views = student, lam, tau_t, positive, teacher_views
         self.teacher_q, self.teacher_k = copy.deepcopy(teacher.encoder_q), copy.deepcopy(teacher.encoder_k)
         for p in [*self.teacher_q.parameters(), *self.teacher_k.parameters()]: p.requires_grad = False
         dim_t = self.teacher_q.head[-1].out_features
         self.teacher_queue = KeyQueue(student.queue.K, dim_t)              # the teacher's keys of the same frames
         self.register_buffer('filled', torch.zeros((), dtype=torch.long))  # real keys in both queues (≤ K)
-        self._folded = {}
+        self.overlap, self.precision, self._folded = overlap, precision, {}
 
     @property
     def backbone(self) -> nn.Module:
@@ -84,8 +109,10 @@ class Distiller(nn.Module):
 
     def forward(self, x_q: torch.Tensor, x_k: torch.Tensor) -> tuple:
         "(L, logs) for a batch of query and key views: L = L_con + λ·L_dis (Eq. 7); both queues advance together."
+        self.prepare_teacher(x_q, x_k)
+        job = _teacher_thread().submit(self.teacher_embed, x_q, x_k) if self.overlap and x_q.device.type == 'cpu' else None
         logits_s, k_s = self.student(x_q, x_k, enqueue=False)                   # Eq. 2's logits: sim_s / τ
-        q_t, k_t = self.teacher_embed(x_q, x_k)
+        q_t, k_t = job.result() if job else self.teacher_embed(x_q, x_k)
         sim_t = infonce_logits(q_t, k_t, self.teacher_queue.keys.clone(), 1.0)   # the teacher's row of cosines
         l_con = infonce_loss(logits_s)                                            # Eq. 2
         l_dis = distill_loss(logits_s * self.student.tau, sim_t, self.tau_t, self.positive, int(self.filled))  # Eq. 5–6
@@ -102,10 +129,12 @@ class Distiller(nn.Module):
     @torch.no_grad()
     def teacher_embed(self, x_q: torch.Tensor, x_k: torch.Tensor) -> tuple:
         "The teacher's q_t = h_q(f_q(x_q)) and k_t = h_k(f_k(x_k)), normalised (teacher_views=1: k_t = h_k(f_q(x_q)))."
-        tq, tk = self.folded('teacher_q'), self.folded('teacher_k')
+        tq, tk = self.teacher_nets(x_q)
         with torch.inference_mode():
             if self.teacher_views == 1:
                 g = tq.backbone(x_q); q_t, k_t = tq.head(g), tk.head(g)
+            elif self.shared_backbone():                            # f_q = f_k: one pass over both views
+                g = tq.backbone(torch.cat([x_q, x_k])); q_t, k_t = tq.head(g[:len(x_q)]), tk.head(g[len(x_q):])
             else: q_t, k_t = tq(x_q), tk(x_k)
         return F.normalize(q_t.float(), dim=1).clone(), F.normalize(k_t.float(), dim=1).clone()   # clones: usable by autograd
 
@@ -117,9 +146,46 @@ class Distiller(nn.Module):
         if key not in self._folded: self._folded[key] = fold_bn(enc)
         return self._folded[key]
 
+    def prepare_teacher(self, x_q: torch.Tensor, x_k: torch.Tensor):
+        "Fold, compare and (int8) calibrate the teacher now, once, in this thread (tracing is not thread-safe)."
+        self.folded('teacher_q'); self.folded('teacher_k'); self.shared_backbone()
+        if self.uses_int8(x_q) and 'int8' not in self._folded: self.calibrate(torch.cat([x_q, x_k]))
+
+    def uses_int8(self, x: torch.Tensor) -> bool:
+        "Whether the teacher runs in int8 on images like `x` (precision 'auto', on a CPU)."
+        return self.precision == 'auto' and x.device.type == 'cpu'
+
+    @torch.no_grad()
+    def calibrate(self, x: torch.Tensor):
+        "Make the int8 teacher, its activation ranges measured on the views `x`; float32 if its backbone does not convert."
+        bq = quantize_backbone(self.teacher_q.backbone, x)
+        bk = bq if self.shared_backbone() else quantize_backbone(self.teacher_k.backbone, x)
+        ok = bq is not None and bk is not None
+        if not ok: warnings.warn(f"The teacher's backbone ({type(self.teacher_q.backbone).__name__}) does not convert to "
+                             "int8; it runs in float32.")
+        self._folded['int8'] = (Encoder(bq, self.teacher_q.head), Encoder(bk, self.teacher_k.head)) if ok else None
+
+    def teacher_nets(self, x: torch.Tensor) -> tuple:
+        "The teacher's two encoders as they run on images like `x`: int8 once calibrated, else BatchNorm folded."
+        if self.uses_int8(x) and self._folded.get('int8'): return self._folded['int8']
+        return self.folded('teacher_q'), self.folded('teacher_k')
+
+    def shared_backbone(self) -> bool:
+        "True when the teacher's f_q and f_k are equal (a frozen-backbone teacher): checked once."
+        if 'shared' not in self._folded:
+            a, b = self.teacher_q.backbone.state_dict(), self.teacher_k.backbone.state_dict()
+            self._folded['shared'] = a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+        return self._folded['shared']
+
     def load_state_dict(self, *args, **kwargs):
         self._folded = {}                         # the teacher may have changed: fold again
         return super().load_state_dict(*args, **kwargs)
+
+_THREAD = []
+def _teacher_thread() -> ThreadPoolExecutor:
+    "The one background thread in which the teacher works (created on first use)."
+    if not _THREAD: _THREAD.append(ThreadPoolExecutor(1, thread_name_prefix='freelunch-teacher'))
+    return _THREAD[0]
 
 # %% ../nbs/08_distill.ipynb #8bf30d8c
 def load_teacher(spec, arch: str = None) -> tuple:
@@ -146,6 +212,7 @@ class DistillMethod(Method):
                    tau_t=0.07,          # temperature of the soft targets (the paper's text; its code: 0.2)
                    positive=True,       # include the positive column (as the authors do)
                    teacher_views=2,     # 2: exact Eq. 5; 1: one teacher pass per step (q_t and k_t from x_q)
+                   teacher_precision='auto',   # the teacher on a CPU: 'auto' (int8) or 'fp32'
                    init=None)           # the student's starting backbone; 'teacher': the teacher's
 
     def configure(self, cfg):
@@ -157,14 +224,25 @@ class DistillMethod(Method):
         init = resolve_spec(o['teacher'] if o['init'] == 'teacher' else o['init'])
         return dict(teacher=resolve_spec(o['teacher']), teacher_arch=arch_t, teacher_dim=head[-1].out_features,
                     teacher_hidden=head[0].out_features, lam=float(o['lam']), tau_t=float(o['tau_t']),
-                    positive=bool(o['positive']), teacher_views=int(o['teacher_views']), init=init)
+                    positive=bool(o['positive']), teacher_views=int(o['teacher_views']),
+                    teacher_precision=o['teacher_precision'], init=init)
 
     def build(self, cfg, f=None):
         student = MoCo(f if f is not None else backbone(cfg['arch']), dim=cfg['dim'], K=cfg['queue'], m=cfg['m'],
                        tau=cfg['tau'], bn_splits=cfg['bn_splits'])
         enc = _encoder_shell(cfg['teacher_arch'], cfg['teacher_dim'], cfg['teacher_hidden'])
         return Distiller(student, nn.ModuleDict(dict(encoder_q=enc, encoder_k=copy.deepcopy(enc))), lam=cfg['lam'],
-                         tau_t=cfg['tau_t'], positive=cfg['positive'], teacher_views=cfg['teacher_views'])
+                         tau_t=cfg['tau_t'], positive=cfg['positive'], teacher_views=cfg['teacher_views'],
+                         precision=cfg.get('teacher_precision', 'fp32'))   # runs from before int8: float32
+
+    def views(self, ds, cfg, seed, model=None, device=None, **ctx):
+        "MoCo's views; an int8 teacher is calibrated on the views of 32 frames spread over the data (the same on resume)."
+        items = super().views(ds, cfg, seed)
+        x = torch.zeros(1, 3, 1, 1, device=device or 'cpu')
+        if model is not None and model.uses_int8(x):
+            idx = np.linspace(0, len(items) - 1, min(32, len(items))).round().astype(int)
+            model.calibrate(torch.stack([v for i in idx for v in items[int(i)][0]]))
+        return items
 
     def start(self, model, cfg):
         "The teacher's weights into the frozen teacher; the student's backbone from `init`, if any."
@@ -272,29 +350,32 @@ def bench_distill(sizes=(64, 112), batch: int = 64, steps: int = 10, arch: str =
     res = dict(arch=arch, batch=batch, queue=queue, steps=steps, device=str(device), amp='bf16' if cuda else 'off',
                bn_splits=bn_splits, channels_last=channels_last, threads=torch.get_num_threads(), torch=torch.__version__,
                note=('ratio = distillation step time / MoCo step time (best of interleaved repetitions; medians beside); '
-                     'exact = teacher_views=2 (Eq. 5), one_view = teacher_views=1; unfolded = exact without folding the '
-                     "teacher's BatchNorm; target: ratio <= 1.25"), sizes={})
+                     'exact = the default, teacher_views=2 (Eq. 5), teacher in int8 on a CPU; fp32 = the same in '
+                     "float32; fp32_sequential = fp32 with the teacher after the student's forward instead of beside "
+                     "it; one_view = teacher_views=1; naive = two plain float32 teacher passes after the student's "
+                     'forward (no folded BatchNorm, no shared pass, no overlap); target: ratio <= 1.25'), sizes={})
     for size in sizes:
         torch.manual_seed(0)
         x_q, x_k = (torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=mf) for _ in range(2))
         def student(): return MoCo(backbone(arch), K=queue, bn_splits=bn_splits).to(device, memory_format=mf).train()
         teacher = student()
-        moco = student(); opt_m = sgd(moco, 0.03)
-        dists = {v: Distiller(student(), teacher, teacher_views=v).to(device, memory_format=mf).train() for v in (2, 1)}
-        opts = {v: sgd(d, 0.03) for v, d in dists.items()}
-        unfolded = copy.deepcopy(dists[2]); unfolded.folded = lambda name: getattr(unfolded, name)   # BatchNorm kept
-        opt_u = sgd(unfolded, 0.03)
-        def step(net, opt, distill):
+        variants = dict(exact={}, fp32=dict(precision='fp32'), fp32_sequential=dict(precision='fp32', overlap=False),
+                        one_view=dict(teacher_views=1), naive=dict(precision='fp32', overlap=False))
+        dists = {k: Distiller(student(), teacher, **kw).to(device, memory_format=mf).train() for k, kw in variants.items()}
+        naive = dists['naive']
+        naive.folded, naive.shared_backbone = (lambda name: getattr(naive, name)), (lambda: False)
+        def step(net, distill):
+            opt = sgd(net, 0.03)
             def run():
                 with ac(): loss = net(x_q, x_k)[0] if distill else infonce_loss(net(x_q, x_k)[0])
                 opt.zero_grad(); loss.backward(); opt.step()
             return run
-        fns = dict(moco=step(moco, opt_m, False), exact=step(dists[2], opts[2], True),
-                   one_view=step(dists[1], opts[1], True), unfolded=step(unfolded, opt_u, True))
+        fns = dict(moco=step(student(), False), **{k: step(d, True) for k, d in dists.items()})
         tt = _time_steps(fns, steps, warmup, sync)
         t = {k: v[0] for k, v in tt.items()}
-        res['sizes'][str(size)] = dict(moco_step_s=round(t['moco'], 4), **{f'{k}_step_s': round(t[k], 4) for k in ('exact', 'one_view', 'unfolded')},
-                                       **{f'ratio_{k}': round(t[k] / t['moco'], 3) for k in ('exact', 'one_view', 'unfolded')},
+        res['sizes'][str(size)] = dict(moco_step_s=round(t['moco'], 4), **{f'{k}_step_s': round(t[k], 4) for k in variants},
+                                       **{f'ratio_{k}': round(t[k] / t['moco'], 3) for k in variants},
+                                       median_ratio={k: round(tt[k][1] / tt['moco'][1], 3) for k in variants},
                                        median_step_s={k: round(v[1], 4) for k, v in tt.items()})
     return res
 
@@ -325,5 +406,7 @@ def add_cli(sub, parsers):
     g.add_argument('--tau-t', type=float, help="temperature of the soft targets (default 0.07, the paper's text; its code: 0.2)")
     g.add_argument('--positive', type=_flag, help='include the positive column in L_dis: true (default, as the authors) or false')
     g.add_argument('--teacher-views', type=int, choices=[1, 2], help='teacher passes per step: 2 (exact Eq. 5, default) or 1')
+    g.add_argument('--teacher-precision', choices=['auto', 'fp32'],
+                   help="the frozen teacher's arithmetic on a CPU: auto (int8, calibrated on the run's views; default) or fp32")
     p.add_argument('--init', help="starting backbone of MoCo or of the student: run folder, file, registry name, or 'teacher'")
     BENCHES['distill'] = _bench

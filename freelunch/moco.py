@@ -5,6 +5,7 @@
 # %% ../nbs/04_moco.ipynb #597cbbac
 from __future__ import annotations
 import copy
+from functools import partial
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -14,7 +15,7 @@ from .core import *
 # %% auto #0
 __all__ = ['ARCHS', 'tiny_convnet', 'backbone', 'feature_dim', 'mlp_head', 'Encoder', 'infonce_logits', 'infonce_loss',
            'check_queue', 'KeyQueue', 'momentum_update', 'is_dist', 'concat_all_gather', 'batch_shuffle',
-           'batch_unshuffle', 'encode_in_splits', 'MoCo']
+           'batch_unshuffle', 'bn_in_chunks', 'encode_in_splits', 'MoCo']
 
 # %% ../nbs/04_moco.ipynb #ca1fd127
 ARCHS = ('resnet18', 'resnet34', 'resnet50', 'tiny')
@@ -138,12 +139,20 @@ def batch_unshuffle(x: torch.Tensor, idx_unshuffle: torch.Tensor) -> torch.Tenso
     return x_all[idx_unshuffle.view(-1, len(x))[rank]]
 
 # %% ../nbs/04_moco.ipynb #334588ff
+def bn_in_chunks(bn: nn.Module, splits: int, x: torch.Tensor) -> torch.Tensor:
+    "BatchNorm layer `bn` applied to each of `splits` equal chunks of `x` on its own (statistics of the chunk)."
+    return torch.cat([type(bn).forward(bn, c) for c in x.chunk(splits)])
+
 def encode_in_splits(encoder: nn.Module, x: torch.Tensor, splits: int = 1) -> torch.Tensor:
-    "`encoder(x)`, run on `splits` equal chunks of the batch: BatchNorm sees each chunk alone, as in `splits` processes."
+    "`encoder(x)` with every training BatchNorm seeing `splits` equal chunks of the batch alone, as in `splits` processes."
     if splits == 1: return encoder(x)
     if len(x) % splits: raise FreelunchError(f"A batch of {len(x)} does not split into {splits} equal chunks for "
                                              f"BatchNorm; choose a batch size that is a multiple of {splits}.")
-    return torch.cat([encoder(c) for c in x.chunk(splits)])
+    bns = [m for m in encoder.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+    for bn in bns: bn.forward = partial(bn_in_chunks, bn, splits)      # for this call only
+    try: return encoder(x)
+    finally:
+        for bn in bns: del bn.forward                                    # back to the class's forward
 
 # %% ../nbs/04_moco.ipynb #28dfa8d3
 class MoCo(nn.Module):

@@ -87,6 +87,7 @@ def test_distill_resumes_exactly_and_keeps_the_teacher(prep, generic, tmp_path):
     assert fl(*args, '--resume')[0] == 0
     a, b = (load_checkpoint(tmp_path/r/'checkpoints'/'last.pt') for r in ('ref', 'part'))
     assert a['step'] == b['step'] == 2 * (60 // 8)
+    assert json.loads((tmp_path/'ref'/'config.json').read_text())['teacher_precision'] == 'auto'   # int8 teacher, calibrated alike
     _same(a['model'], b['model'])
     assert int(a['model']['filled']) == 32 and torch.equal(a['model']['student.queue.ptr'], a['model']['teacher_queue.ptr'])
     t = load_checkpoint(teacher/'checkpoints'/'last.pt')['model']
