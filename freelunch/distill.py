@@ -341,7 +341,7 @@ def fuse_backbones(teacher, student, mode: str = 'concat', freeze_teacher: bool 
 def bench_distill(sizes=(64, 112), batch: int = 64, steps: int = 10, arch: str = 'resnet18', queue: int = 4096,
                   warmup: int = 2, device=None, bn_splits: int = 2, channels_last: bool = True) -> dict:
     "Step time of distillation (teacher_views 2 and 1) over that of MoCo, same student and settings, interleaved."
-    from freelunch.train import sgd, _time_steps
+    from freelunch.train import sgd, _time_steps, _paired_ratio
     device = torch.device(device) if device else default_device()
     cuda = device.type == 'cuda'
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -349,7 +349,8 @@ def bench_distill(sizes=(64, 112), batch: int = 64, steps: int = 10, arch: str =
     ac = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda)
     res = dict(arch=arch, batch=batch, queue=queue, steps=steps, device=str(device), amp='bf16' if cuda else 'off',
                bn_splits=bn_splits, channels_last=channels_last, threads=torch.get_num_threads(), torch=torch.__version__,
-               note=('ratio = distillation step time / MoCo step time (best of interleaved repetitions; medians beside); '
+               note=('ratio = distillation step time / MoCo step time, the median over rounds of the ratio within a '
+                     'round (repetitions interleaved round-robin; best and median step times beside); '
                      'exact = the default, teacher_views=2 (Eq. 5), teacher in int8 on a CPU; fp32 = the same in '
                      "float32; fp32_sequential = fp32 with the teacher after the student's forward instead of beside "
                      "it; one_view = teacher_views=1; naive = two plain float32 teacher passes after the student's "
@@ -374,8 +375,8 @@ def bench_distill(sizes=(64, 112), batch: int = 64, steps: int = 10, arch: str =
         tt = _time_steps(fns, steps, warmup, sync)
         t = {k: v[0] for k, v in tt.items()}
         res['sizes'][str(size)] = dict(moco_step_s=round(t['moco'], 4), **{f'{k}_step_s': round(t[k], 4) for k in variants},
-                                       **{f'ratio_{k}': round(t[k] / t['moco'], 3) for k in variants},
-                                       median_ratio={k: round(tt[k][1] / tt['moco'][1], 3) for k in variants},
+                                       **{f'ratio_{k}': round(_paired_ratio(tt, k, 'moco'), 3) for k in variants},
+                                       ratio_of_best={k: round(t[k] / t['moco'], 3) for k in variants},
                                        median_step_s={k: round(v[1], 4) for k, v in tt.items()})
     return res
 

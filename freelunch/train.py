@@ -465,7 +465,11 @@ def _time_steps(fns: dict, steps: int, warmup: int, sync) -> dict:
     for _ in range(steps):
         for k, f in fns.items():
             sync(); t = time.perf_counter(); f(); sync(); times[k].append(time.perf_counter() - t)
-    return {k: (min(v), float(np.median(v))) for k, v in times.items()}
+    return {k: (min(v), float(np.median(v)), v) for k, v in times.items()}
+
+def _paired_ratio(tt: dict, k: str, base: str) -> float:
+    "The median over repetitions of time[k] / time[base] in the same round: robust to a machine whose speed drifts."
+    return float(np.median(np.array(tt[k][2]) / np.array(tt[base][2])))
 
 def _lightly_step(arch, K, x_q, x_k, device, channels_last=False):
     "A MoCo v2 step made of lightly's pieces, as in its MoCo example (plain BatchNorm, no shuffle)."
