@@ -364,7 +364,7 @@ def _pretrain(prep, run, method, arch, size, epochs, batch, queue, lr, m, tau, d
         t0 = time.perf_counter()
         for (x_q, x_k), _ in dl:
             cur = cosine_lr(state['step'], total, lr)
-            for g in opt.param_groups: g['lr'] = cur
+            for g in (opt.param_groups if opt else ()): g['lr'] = cur   # nothing to train: no optimiser
             x_q, x_k = _to_device(x_q, device, channels_last), _to_device(x_k, device, channels_last)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == 'bf16'):
                 loss, logs = meth.loss(net, x_q, x_k)             # MoCo: Eq. 2; distillation: Eq. 7
