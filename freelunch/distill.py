@@ -158,6 +158,8 @@ class Distiller(nn.Module):
     @torch.no_grad()
     def calibrate(self, x: torch.Tensor):
         "Make the int8 teacher, its activation ranges measured on the views `x`; float32 if its backbone does not convert."
+        if not getattr(self.teacher_q.backbone, 'int8_ok', True):      # known not to convert (says so itself): float32
+            self._folded['int8'] = None; return
         bq = quantize_backbone(self.teacher_q.backbone, x)
         bk = bq if self.shared_backbone() else quantize_backbone(self.teacher_k.backbone, x)
         ok = bq is not None and bk is not None

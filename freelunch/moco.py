@@ -18,7 +18,7 @@ __all__ = ['ARCHS', 'tiny_convnet', 'backbone', 'feature_dim', 'mlp_head', 'Enco
            'batch_unshuffle', 'bn_in_chunks', 'encode_in_splits', 'MoCo']
 
 # %% ../nbs/04_moco.ipynb #ca1fd127
-ARCHS = ('resnet18', 'resnet34', 'resnet50', 'tiny')
+ARCHS = ('resnet18', 'resnet34', 'resnet50', 'tiny', 'efficientnet_lite0')
 
 def tiny_convnet(width: int = 32) -> nn.Module:
     "A small ConvNet with BatchNorm (4 conv layers, global pooling), for tests and demos on a CPU."
@@ -29,9 +29,12 @@ def tiny_convnet(width: int = 32) -> nn.Module:
     return net
 
 def backbone(arch: str = 'resnet18', weights=None) -> nn.Module:
-    "The feature extractor `f` (torchvision ResNet without `fc`, or 'tiny'); its `out_dim` is the feature size."
+    "The feature extractor `f` (torchvision ResNet without `fc`, EfficientNet-Lite0, or 'tiny'); its `out_dim` is the feature size."
     if arch == 'tiny': return tiny_convnet()
     if arch not in ARCHS: raise FreelunchError(f"Unknown architecture {arch!r}: choose one of {', '.join(ARCHS)}.")
+    if arch.startswith('efficientnet_lite'):           # the ImageNet free model of Chapter 6, built with timm
+        from freelunch.zoo import efficientnet_lite
+        return efficientnet_lite(arch)
     import torchvision
     net = getattr(torchvision.models, arch)(weights=weights)
     net.out_dim, net.fc = net.fc.in_features, nn.Identity()

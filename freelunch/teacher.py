@@ -71,17 +71,16 @@ class Teacher(MoCo):
 class TeacherMethod(Method):
     "`pretrain` method 'teacher': MoCo on a free model with the parts of Table 3 frozen."
     name = 'teacher'
-    options = dict(free=None,        # the free model: registry name, file, run folder, or 'generic'
+    options = dict(free=None,        # the free model: registry name, file, run folder, or 'generic' (default: DEFAULT_FREE)
                    variant='head',   # what is trained (Table 3): 'head', 'none', 'backbone', 'both'
                    bn='eval',        # a frozen backbone's BatchNorm: 'eval' or 'train' (the authors' code)
                    fast=False,       # train the heads on cached backbone features of a fixed pool of views
                    pool=8)           # views per frame in that pool
 
     def configure(self, cfg):
-        from freelunch.zoo import load_encoder
+        from freelunch.zoo import load_encoder, DEFAULT_FREE
         o = self.opts
-        if not o['free']: raise FreelunchError("pretrain --method teacher needs a free model: --free NAME|FILE|RUN|generic "
-                                               "(see `freelunch zoo list`).")
+        if not o['free']: o['free'] = DEFAULT_FREE      # the ImageNet EfficientNet-Lite0, installed with freelunch
         if o['variant'] not in VARIANTS: raise FreelunchError(f"--variant {o['variant']}: choose one of {', '.join(VARIANTS)}.")
         frozen_eval = not VARIANTS[o['variant']][0] and o['bn'] == 'eval'
         if o['fast'] and not frozen_eval:
