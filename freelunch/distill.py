@@ -341,7 +341,8 @@ def fuse_backbones(teacher, student, mode: str = 'concat', freeze_teacher: bool 
 
 # %% ../nbs/08_distill.ipynb #bb6fc850
 def bench_distill(sizes=(64, 112), batch: int = 64, steps: int = 10, arch: str = 'resnet18', queue: int = 4096,
-                  warmup: int = 2, device=None, bn_splits: int = 2, channels_last: bool = True) -> dict:
+                  warmup: int = 2, device=None, bn_splits: int = 2, channels_last: bool = True,
+                  teacher_arch: str = 'efficientnet_lite0') -> dict:   # the default free model's network
     "Step time of distillation (teacher_views 2 and 1) over that of MoCo, same student and settings, interleaved."
     from freelunch.train import sgd, _time_steps, _paired_ratio
     device = torch.device(device) if device else default_device()
@@ -349,11 +350,11 @@ def bench_distill(sizes=(64, 112), batch: int = 64, steps: int = 10, arch: str =
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     mf = torch.channels_last if channels_last else torch.contiguous_format
     ac = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda)
-    res = dict(arch=arch, batch=batch, queue=queue, steps=steps, device=str(device), amp='bf16' if cuda else 'off',
+    res = dict(arch=arch, teacher_arch=teacher_arch, batch=batch, queue=queue, steps=steps, device=str(device), amp='bf16' if cuda else 'off',
                bn_splits=bn_splits, channels_last=channels_last, threads=torch.get_num_threads(), torch=torch.__version__,
                note=('ratio = distillation step time / MoCo step time, the median over rounds of the ratio within a '
                      'round (repetitions interleaved round-robin; best and median step times beside); '
-                     'exact = the default, teacher_views=2 (Eq. 5), teacher in int8 on a CPU; fp32 = the same in '
+                     'exact = the default, teacher_views=2 (Eq. 5), teacher in int8 on a CPU where it converts (EfficientNet-Lite: float32); fp32 = the same in '
                      "float32; fp32_sequential = fp32 with the teacher after the student's forward instead of beside "
                      "it; one_view = teacher_views=1; naive = two plain float32 teacher passes after the student's "
                      'forward (no folded BatchNorm, no shared pass, no overlap); target: ratio <= 1.25'), sizes={})
@@ -361,7 +362,7 @@ def bench_distill(sizes=(64, 112), batch: int = 64, steps: int = 10, arch: str =
         torch.manual_seed(0)
         x_q, x_k = (torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=mf) for _ in range(2))
         def student(): return MoCo(backbone(arch), K=queue, bn_splits=bn_splits).to(device, memory_format=mf).train()
-        teacher = student()
+        teacher = MoCo(backbone(teacher_arch), K=queue).to(device, memory_format=mf).eval()   # f_q = f_k: head-only teacher
         variants = dict(exact={}, fp32=dict(precision='fp32'), fp32_sequential=dict(precision='fp32', overlap=False),
                         one_view=dict(teacher_views=1), naive=dict(precision='fp32', overlap=False))
         dists = {k: Distiller(student(), teacher, **kw).to(device, memory_format=mf).train() for k, kw in variants.items()}

@@ -13,9 +13,9 @@ from .data import load_index, phase_names, MANIFEST
 
 # %% auto #0
 __all__ = ['PRESETS', 'EXPERIMENTS', 'METHODS', 'MAIN', 'SCORES', 'PAIRS', 'PAPER', 'experiment_methods', 'preset_config',
-           'Stages', 'stage_data', 'stage_free', 'stage_pretrain', 'method_backbone', 'linear_probe', 'downstream',
-           'relaxed_share', 'reproduce', 'summarise', 'results_frame', 'paired', 'verdict', 'differences', 'findings',
-           'write_report', 'summary_lines', 'add_cli']
+           'Stages', 'stage_data', 'stage_free', 'stage_pretrain', 'method_backbone', 'linear_probe',
+           'downstream_features', 'downstream', 'relaxed_share', 'run_downstream', 'reproduce', 'summarise',
+           'results_frame', 'paired', 'verdict', 'differences', 'findings', 'write_report', 'summary_lines', 'add_cli']
 
 # %% ../nbs/13_pipeline.ipynb #fb0419db
 PRESETS = {
@@ -31,7 +31,7 @@ PRESETS = {
         synth=dict(videos=16, minutes=1.5, seed=0), prepare=dict(fps=1, size=80),
         arch='tiny', size=64, batch=64, lr=0.06, m=0.99,
         free=dict(model='efficientnet_lite0_imagenet'),       # ImageNet, from PyPI: no training, no download
-        teacher=dict(epochs=20, fast=True, pool=6, lr=0.01),  # heads only; lr 0.06 collapses them to log(K+1)
+        teacher=dict(epochs=20, fast=True, pool=6, lr=0.01, knn_every=5),  # heads only; lr 0.06 collapses them (Ch. 7)
         moco=dict(epochs=15), distill=dict(epochs=15, lam=1.0),   # λ chosen on the validation videos (Chapter 8)
         finetune=dict(mode='linear', epochs=10), features_fps=1,
         tcn=dict(model='mstcn', stages=2, layers=8, epochs=30),
@@ -195,6 +195,13 @@ def _features_of(folder, videos=None, split=None):
     fs = [v for v in load_features(folder, split) if videos is None or v['video'] in videos]
     return torch.cat([v['features'] for v in fs]), torch.cat([v['phase'] for v in fs])
 
+def downstream_features(st: Stages, c: dict, prep: Path, method: str, f) -> Path:
+    "The features of a frozen backbone for every frame, at the view size the backbones were trained on (a stage)."
+    from freelunch.finetune import extract
+    key, size, fps = method.replace(' ', '_').replace(':', ''), c['finetune'].get('size', c['size']), c['features_fps']
+    return st(f'features/{key}', lambda d: extract(prep, d, init=f, fps=fps, size=size, quiet=st.quiet),
+              dict(method=method, fps=fps, size=size))
+
 def downstream(st: Stages, c: dict, prep: Path, method: str, f, fraction: float, seed: int) -> dict:
     "Fine-tune, extract, temporal model, metrics for one (method, fraction, seed); the scores as a dict."
     from freelunch.finetune import finetune, extract, label_fraction, load_finetuned, frame_accuracy
@@ -205,9 +212,7 @@ def downstream(st: Stages, c: dict, prep: Path, method: str, f, fraction: float,
     unit = f'downstream/{key}/f{fraction:g}_s{seed}'
     rows, vids = label_fraction(load_index(prep), fraction, 'video', seed)
     if ft['mode'] == 'linear':
-        size = ft.get('size', c['size'])          # the frames at the size the backbones were trained on
-        feats = st(f'features/{key}', lambda d: extract(prep, d, init=f, fps=fps, size=size, quiet=st.quiet),
-                   dict(method=method, fps=fps, size=size))
+        feats = downstream_features(st, c, prep, method, f)
         def probe(d):
             X, y = _features_of(feats, set(vids)); Xt, yt = _features_of(feats, split='test')
             acc = (linear_probe(X, y, Xt, ft['epochs'], seed=seed) == yt).float().mean().item()
@@ -272,12 +277,50 @@ def _knn_stage(d: Path, c: dict, prep: Path, runs: dict):
     from freelunch.teacher import TeacherMethod
     sets = knn_sets(prep, c['size'], 2000)
     tcfg = json.loads((Path(runs['teacher'])/'config.json').read_text())
-    untrained = TeacherMethod().build(tcfg); TeacherMethod().start(untrained, tcfg)
+    seed_everything(0); untrained = TeacherMethod().build(tcfg); TeacherMethod().start(untrained, tcfg)   # heads N(0, 0.01)
     nets = {'Scratch': method_backbone('Scratch', c, runs), 'Free model: backbone f(x)': method_backbone('Free model', c, runs),
             'Free model, untrained head h(f(x))': untrained.encoder_q, 'Teacher: h(f(x))': method_backbone('Teacher', c, runs),
             'MoCo v2': method_backbone('MoCo v2', c, runs), 'Ours': method_backbone('Ours', c, runs)}
     out = {k: knn_accuracy(f.eval(), sets) for k, f in nets.items()}
     with atomic_write(d/'knn.json') as fh: json.dump(out, fh, indent=1)
+
+def _check_transfers(methods, free, c):
+    "Table 2's addition and initialisation need a student of the teacher's architecture: say so before any training."
+    from freelunch import zoo
+    arch_t = zoo.ZOO[free].arch if free in zoo.ZOO else c['arch']
+    bad = [m for m in ('Addition', 'Initialization') if m in methods]
+    if bad and arch_t != c['arch']:
+        raise FreelunchError(f"Table 2's {' and '.join(bad)} need teacher and student of one architecture, but the free "
+                             f"model {free} is a {arch_t} and the preset's student a {c['arch']}: run table2 with a preset "
+                             f"whose student is a {arch_t} (or a free model of the student's architecture).")
+
+_UNIT = {}
+def _unit(job):
+    "One downstream unit in a worker process (one thread): its scores and the stages it ran."
+    torch.set_num_threads(1)
+    st = Stages(_UNIT['out'], quiet=True)
+    m, fr, s = job
+    return downstream(st, _UNIT['c'], _UNIT['prep'], m, _UNIT['f'][m], fr, s), st.log
+
+def run_downstream(st: Stages, c: dict, prep: Path, backbones: dict, units: list, workers: int = None) -> list:
+    "`downstream` for every (method, fraction, seed) of `units`, in that order; on a CPU, in two processes side by side."
+    import multiprocessing as mp
+    if c['finetune']['mode'] == 'linear':           # features first: one pass of each backbone, in this process
+        for m in dict.fromkeys(u[0] for u in units): downstream_features(st, c, prep, m, backbones[m])
+    cpu = default_device().type == 'cpu'
+    workers = workers if workers is not None else (min(2, os.cpu_count() or 1) if cpu and c['finetune']['mode'] == 'linear' else 1)
+    bar = progress(total=len(units), desc='downstream', unit='run', disable=st.quiet)
+    if workers <= 1:
+        out = []
+        for m, fr, s in units: out.append(downstream(st, c, prep, m, backbones[m], fr, s)); bar.update(1)
+        bar.close(); return out
+    _UNIT.update(out=st.out, c=c, prep=prep, f=backbones)     # inherited by the forked workers
+    out = []
+    with mp.get_context('fork').Pool(workers) as pool:
+        for r, log in pool.imap(_unit, units):
+            out.append(r); st.log.extend(log); bar.update(1)
+    bar.close(); _UNIT.clear()
+    return out
 
 def reproduce(out, preset: str = 'tiny', data=None, seeds: int = None, experiments=None, quiet: bool = False,
               report: bool = True, **overrides) -> Path:
@@ -289,6 +332,7 @@ def reproduce(out, preset: str = 'tiny', data=None, seeds: int = None, experimen
     methods = experiment_methods(c['experiments'])
     free, free_about = stage_free(st, c)
     runs = {'Free model': free}
+    _check_transfers(methods, free, c)
     runs['teacher'] = str(stage_pretrain(st, c, prep, 'teacher', 'teacher', free=free))
     runs['MoCo v2'] = str(stage_pretrain(st, c, prep, 'moco', 'moco'))
     runs['Ours'] = str(stage_pretrain(st, c, prep, 'ours', 'distill', teacher=runs['teacher']))
@@ -299,12 +343,8 @@ def reproduce(out, preset: str = 'tiny', data=None, seeds: int = None, experimen
             t = stage_pretrain(st, c, prep, f'teacher-{v}', 'teacher', free=free, variant=v)
             runs[f'Teacher: {v}'] = str(stage_pretrain(st, c, prep, f'ours-{v}', 'distill', teacher=str(t)))
     fractions = c['fractions'] if 'fig3' in c['experiments'] else (1.0,)
-    results = []
-    for m in methods:
-        f = method_backbone(m, c, runs)
-        for fr in (fractions if m in MAIN else (1.0,)):
-            for s in range(c['seeds']):
-                results.append(downstream(st, c, prep, m, f, fr, s))
+    units = [(m, fr, s) for m in methods for fr in (fractions if m in MAIN else (1.0,)) for s in range(c['seeds'])]
+    results = run_downstream(st, c, prep, {m: method_backbone(m, c, runs) for m in methods}, units)
     knn = json.loads((st('knn', lambda d: _knn_stage(d, c, prep, runs), dict(runs=runs, size=c['size']))/'knn.json').read_text())
     res = dict(kind='freelunch-reproduce-metrics', version=1, preset=preset, config=c, free_model=free_about,
                runs=runs, prepared=str(prep), results=results, stages=st.log, knn=knn,

@@ -154,7 +154,8 @@ def plot_runs(runs,                               # run folders, or a dict name 
     for name, run in runs.items():
         df = read_metrics(run)
         axs[0].plot(df.epoch, df.loss, 'o-', ms=3, label=name)
-        if 'knn_top1' in df and df.knn_top1.notna().any(): axs[1].plot(df.epoch, df.knn_top1, 'o-', ms=3, label=name)
+        if 'knn_top1' in df and df.knn_top1.notna().any():      # a monitor every few epochs: join the points it has
+            k = df.dropna(subset=['knn_top1']); axs[1].plot(k.epoch, k.knn_top1, 'o-', ms=3, label=name)
     axs[0].set_ylabel('training loss'); axs[1].set_ylabel('kNN top-1 (%)')
     for a in axs: a.set_xlabel('epoch'); a.legend(fontsize=7, frameon=False)
     return axs

@@ -141,7 +141,6 @@ def test_free_models_in_every_layout_and_errors(prep, generic, tmp_path, capsys)
     capsys.readouterr()
     for args, msg in [(['--method', 'teacher', '--free', tmp_path/'wrong.pth'], 'unexpected keys: attn.w'),
                       (['--method', 'teacher', '--free', tmp_path/'sneaky.pth'], 'refused'),
-                      (['--method', 'teacher'], 'needs a free model'),
                       (['--method', 'distill', '--arch', 'tiny'], 'needs a teacher'),
                       (['--method', 'moco', '--free', 'generic', '--arch', 'tiny'], 'unknown option(s) free'),
                       (['--method', 'teacher', '--free', 'generic', '--arch', 'tiny', '--variant', 'both', '--fast'], '--fast needs'),
@@ -152,4 +151,40 @@ def test_free_models_in_every_layout_and_errors(prep, generic, tmp_path, capsys)
 
 def test_zoo_list_offline(capsys):
     code, out, _ = fl('zoo', 'list', capsys=capsys)
-    assert code == 0 and 'moco_v2_800ep' in out and 'resnet50_supervised' in out and 'offline models' in out
+    assert code == 0 and 'moco_v2_800ep' in out and 'resnet50_supervised' in out and 'dead-leaves models' in out
+    lite = next(l for l in out.splitlines() if l.startswith('efficientnet_lite0_imagenet'))
+    assert 'installed, offline' in lite and 'download' in next(l for l in out.splitlines() if l.startswith('moco_v2_800ep'))
+
+def test_teacher_defaults_to_the_imagenet_model(prep, tmp_path):
+    "Without --free the teacher is EfficientNet-Lite0 from PyPI: its backbone is the package's weights, frozen; its heads train."
+    from freelunch.zoo import load_encoder
+    run = tmp_path/'teacher'
+    assert fl('pretrain', prep, run, '--method', 'teacher', '--fast', '--pool', 2, *TINY, '--epochs', 1, '--lr', 0.01)[0] == 0
+    cfg = json.loads((run/'config.json').read_text())
+    assert (cfg['free'], cfg['arch']) == ('efficientnet_lite0_imagenet', 'efficientnet_lite0')
+    f, _ = load_encoder('efficientnet_lite0_imagenet')
+    ck = load_checkpoint(run/'checkpoints'/'last.pt')['model']
+    for k, v in f.state_dict().items(): assert torch.equal(ck['encoder_q.backbone.' + k], v), k
+    student = tmp_path/'student'                # a student of another architecture distils it
+    assert fl('pretrain', prep, student, '--method', 'distill', '--teacher', run, '--arch', 'tiny', *TINY, '--max-steps', 2)[0] == 0
+    assert json.loads((student/'config.json').read_text())['teacher_arch'] == 'efficientnet_lite0'
+
+def test_teacher_variant_that_trains_nothing(prep, generic, tmp_path):
+    "Table 3's 'none' variant has no optimiser: it runs to the end (it used to crash) and changes no weight."
+    run = tmp_path/'none'
+    assert fl('pretrain', prep, run, '--method', 'teacher', '--free', 'generic', '--arch', 'tiny', '--variant', 'none',
+              *TINY, '--epochs', 2)[0] == 0
+    ck = load_checkpoint(run/'checkpoints'/'last.pt')
+    assert ck['step'] == 2 * (60 // 8) and len(read_metrics(run)) == 2
+    start = load_checkpoint(generic/'checkpoints'/'last.pt')['model']
+    for k, v in ck['model'].items():
+        if k.startswith('encoder_q.backbone.'): assert torch.equal(start[k], v), k
+
+def test_a_damaged_package_model_is_refused(monkeypatch, capsys, tmp_path, prep):
+    "The PyPI file is checked against its SHA-256 when loaded: a mismatch names the file and both values."
+    from dataclasses import replace
+    from freelunch import zoo
+    monkeypatch.setitem(zoo.ZOO, 'efficientnet_lite0_imagenet', replace(zoo.ZOO['efficientnet_lite0_imagenet'], sha256='0' * 64))
+    monkeypatch.setattr(zoo, '_CHECKED', {})
+    code, _, err = fl('pretrain', prep, tmp_path/'t', '--method', 'teacher', *TINY, capsys=capsys)
+    assert code == 2 and 'efficientnet-lite0-57934424.pth' in err and '0' * 64 in err and 'damaged' in err, err

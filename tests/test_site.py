@@ -231,3 +231,15 @@ def test_nbdev_docs_can_process(site, nb):
     if found and os.environ.get('FREELUNCH_STRICT_DOCS') != '1':
         pytest.xfail('nbdev_docs would stop here: ' + ' | '.join(found))
     assert not found, '\n'.join(found)
+
+# The chapters where the paper's idea is: a course and a site that show them empty teach nothing.
+FIGURE_CHAPTERS = {'04_moco.ipynb': 1, '06_zoo.ipynb': 1, '07_teacher.ipynb': 3, '08_distill.ipynb': 4,
+                   '09_finetune.ipynb': 2, '10_tcn.ipynb': 2, '13_pipeline.ipynb': 1}
+
+@pytest.mark.parametrize('nb', sorted(FIGURE_CHAPTERS), ids=lambda n: Path(n).stem)
+def test_chapters_are_stored_with_their_figures(nb):
+    "Each of these chapters is stored with the outputs of a run, figures included (UMAP views, curves, ribbons, rows)."
+    assert _images_in_notebook(nb) >= FIGURE_CHAPTERS[nb], \
+        f"{nb} stores {_images_in_notebook(nb)} figure(s): run it top to bottom and save it with its outputs"
+    code = [c for c in _cells(nb) if c['cell_type'] == 'code' and not re.search(r'^#\|\s*(hide|export)', _src(c), re.M)]
+    assert sum(bool(c.get('outputs')) for c in code) >= len(code) // 3, f"{nb}: most cells have no output: stored unexecuted?"
