@@ -172,7 +172,7 @@ def heldout_infonce(model: MoCo, ds, size: int, batch: int = 64, seed: int = 123
     "Mean InfoNCE loss of fresh view pairs of `ds`: each query against the keys of its batch (no queue), eval mode."
     from freelunch.data import TwoViews
     was = model.training; model.eval()
-    dl = torch.utils.data.DataLoader(SeededItems(TwoViews(ds, moco_v2_transform(size)), seed), batch_size=batch, drop_last=True)
+    dl = torch.utils.data.DataLoader(SeededItems(TwoViews(ds, moco_v2_transform(size)), seed), batch_size=min(batch, len(ds)), drop_last=True)
     losses = []
     try:
         for (x_q, x_k), _ in dl:
