@@ -256,16 +256,16 @@ class SimSiamMethod(Method):
 
 METHODS['simsiam'] = SimSiamMethod
 
-# %% ../nbs/08a_baselines.ipynb #192f743c
-def swav_defaults(n: int, batch: int) -> dict:
-    "SwAV's queue and number of prototypes for `n` training frames: a queue of about n/4 (≤ 3840) when batches are small, K ≈ n/10 (≤ 3000)."
+# %% ../nbs/08a_baselines.ipynb #94b62b67
+def swav_defaults(n: int, batch: int, dim: int = 128) -> dict:
+    "SwAV's queue and K for `n` frames: a queue of about n/4 (≤ 3840) for batches under 256; K = n/10, at least 2 × `dim`, at most 3000."
     queue = 0 if batch >= 256 else max(batch, round(min(3840, n / 4) / batch) * batch)
-    return dict(queue=queue, prototypes=int(min(3000, max(8, n // 10))))
+    return dict(queue=queue, prototypes=int(min(3000, max(2 * dim, n // 10))))
 
 class SwAVMethod(Method):
     "`pretrain` method 'swav': multi-crop, prototypes, codes by Sinkhorn-Knopp, swapped prediction, a queue for small batches."
     name = 'swav'
-    options = dict(prototypes=None,     # K (default: swav_defaults)
+    options = dict(prototypes=None,     # K (default: swav_defaults: n/10, at least 2 × proj_dim, at most 3000)
                    proj_dim=128,        # embedding size
                    hidden_dim=2048,     # hidden width of the projector
                    temperature=0.1,     # τ of the swapped prediction
@@ -292,7 +292,7 @@ class SwAVMethod(Method):
         small = int(o['small_size'] if o['small_size'] is not None else max(8, round(cfg['size'] * 96 / 224)))
         frame = min(self.data[0][0].shape[-2:]) if self.data is not None else None
         check_crops(cfg['size'], small, frame)
-        k = o['prototypes'] if o['prototypes'] is not None else swav_defaults(cfg['frames'], cfg['batch'])['prototypes']
+        k = o['prototypes'] if o['prototypes'] is not None else swav_defaults(cfg['frames'], cfg['batch'], o['proj_dim'])['prototypes']
         _positive(self.name, prototypes=k, proj_dim=o['proj_dim'], hidden_dim=o['hidden_dim'], temperature=o['temperature'],
                   epsilon=o['epsilon'], sinkhorn_iters=o['sinkhorn_iters'])
         if o['small_crops'] < 0 or o['freeze_prototypes'] < 0 or o['queue_start'] < 0:
@@ -325,7 +325,7 @@ class SwAVMethod(Method):
         elif step and opt.param_groups[0]['momentum'] and opt.state[w].get('momentum_buffer') is None:
             opt.state[w]['momentum_buffer'] = torch.zeros_like(w)   # first trained step: SGD's first step, as the fused kernel needs
         opt.step()
-        model.prototypes.normalize()
+        if step >= model.freeze_steps: model.prototypes.normalize()   # (only when they moved: frozen means untouched)
 
 METHODS['swav'] = SwAVMethod
 
@@ -363,7 +363,7 @@ def show_assignments(codes: torch.Tensor, labels: torch.Tensor, names: list = No
     fig.tight_layout()
     return fig
 
-# %% ../nbs/08a_baselines.ipynb #5532e64b
+# %% ../nbs/08a_baselines.ipynb #a5f12ced
 def _bench(name):
     def run(a): return (bench_simsiam if name == 'simsiam' else bench_swav)()
     return run
@@ -378,7 +378,7 @@ def add_cli(sub, parsers):
     g.add_argument('--hidden-dim', type=int, help="hidden width of the projector (default: SimSiam the backbone's feature size, SwAV 2048)")
     g.add_argument('--pred-dim', type=int, help="SimSiam: the predictor's bottleneck (default 512)")
     g.add_argument('--stop-grad', type=_flag, help='SimSiam: true (default) or false (no stop-gradient: it collapses)')
-    g.add_argument('--prototypes', type=int, help='SwAV: number of prototypes K (default 3000, or n/10 for n < 30000 frames)')
+    g.add_argument('--prototypes', type=int, help='SwAV: number of prototypes K (default: n/10 for n frames, at least 2 × --proj-dim, at most 3000)')
     g.add_argument('--temperature', type=float, help='SwAV: τ of the swapped prediction (default 0.1)')
     g.add_argument('--epsilon', type=float, help='SwAV: ε of Sinkhorn-Knopp (default 0.05)')
     g.add_argument('--sinkhorn-iters', type=int, help='SwAV: Sinkhorn-Knopp iterations (default 3)')
@@ -505,12 +505,12 @@ def bench_swav(sizes=(64, 112), batch: int = 64, steps: int = 10, arch: str = 'r
         res['sizes'][str(size)] = dict(small=small, **r)
     return res
 
-# %% ../nbs/08a_baselines.ipynb #c195343a
+# %% ../nbs/08a_baselines.ipynb #2e508f93
 PRESETS = {   # method options for `pretrain` by pipeline preset (with its common arch, size, batch); see the measured figures above
     'smoke': dict(simsiam=dict(epochs=3, lr=0.06, proj_dim=256, pred_dim=64),
-                  swav=dict(epochs=3, lr=0.06, prototypes=16, queue=64, small_crops=2)),
+                  swav=dict(epochs=3, lr=0.06, prototypes=32, proj_dim=16, queue=64, small_crops=2)),
     'tiny': dict(simsiam=dict(epochs=15, lr=0.06, proj_dim=512, pred_dim=128),
-                 swav=dict(epochs=15, lr=0.06, prototypes=64, queue=128, small_crops=4)),
+                 swav=dict(epochs=15, lr=0.06, prototypes=64, proj_dim=32, queue=128, small_crops=4)),
     'paper': dict(simsiam=dict(epochs=200, queue=None), swav=dict(epochs=200, queue=3840, prototypes=3000)),
 }
 
