@@ -49,7 +49,7 @@ def output_std(z: torch.Tensor) -> torch.Tensor:
     "The collapse check: std over the batch of the ℓ2-normalised outputs, averaged over channels (≈ 1/√d if spread, 0 if collapsed)."
     return F.normalize(z.float(), dim=1).std(0).mean()
 
-# %% ../nbs/08a_baselines.ipynb #0d9662b1
+# %% ../nbs/08a_baselines.ipynb #d4a20c25
 class SimSiam(nn.Module):
     "SimSiam around any backbone f: encoder (f, projector), predictor h, and the symmetric loss with stop-gradient (Eq. 4)."
     def __init__(self, f: nn.Module,             # backbone: images → [N, feat_dim] features
@@ -67,11 +67,13 @@ class SimSiam(nn.Module):
         return Encoder(self.backbone, self.projector)
 
     def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> tuple:
-        "(L, logs) for two views of a batch; logs: the collapse check on z1. One pass over both views, BatchNorm per view."
-        z = encode_in_splits(self.encoder_q, torch.cat([x1, x2]), 2)         # z1, z2: BatchNorm sees each view alone
+        "(L, logs) for two views of a batch; logs: the collapse check on z1, p1 and the features f(x1). One pass over both views, BatchNorm per view."
+        h = encode_in_splits(self.backbone, torch.cat([x1, x2]), 2)          # BatchNorm sees each view alone
+        z = encode_in_splits(self.projector, h, 2)                            # z1, z2
         p = encode_in_splits(self.predictor, z, 2)                            # p1, p2
         (z1, z2), (p1, p2) = z.chunk(2), p.chunk(2)
-        return simsiam_loss(p1, p2, z1, z2, self.stop_grad), dict(z_std=output_std(z1).detach())
+        logs = dict(z_std=output_std(z1).detach(), p_std=output_std(p1).detach(), f_std=output_std(h[:len(x1)]).detach())
+        return simsiam_loss(p1, p2, z1, z2, self.stop_grad), logs
 
 # %% ../nbs/08a_baselines.ipynb #5e6fccec
 class Prototypes(nn.Linear):
