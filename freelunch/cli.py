@@ -87,8 +87,8 @@ def format_summary(s: dict) -> str:
     return '\n'.join(lines)
 
 # %% ../nbs/14_cli.ipynb #20827520
-CHAPTERS = ('freelunch.zoo', 'freelunch.distill', 'freelunch.finetune', 'freelunch.tcn', 'freelunch.metrics',
-            'freelunch.pipeline')
+CHAPTERS = ('freelunch.zoo', 'freelunch.distill', 'freelunch.baselines', 'freelunch.finetune', 'freelunch.tcn',
+            'freelunch.metrics', 'freelunch.pipeline')
 
 def _chapters() -> list:
     "The modules of `CHAPTERS`, each of which defines `add_cli`."
@@ -120,7 +120,7 @@ def _parser():
     s.set_defaults(fn=cmd_prepare)
     s = sub.add_parser('pretrain', help='self-supervised pretraining on the training frames of a prepared folder')
     s.add_argument('prep', help='prepared folder (from `freelunch prepare`)'); s.add_argument('run', help='run folder (checkpoints, metrics, config)')
-    s.add_argument('--method', default='moco', help='pretraining method: moco (default), teacher or distill')
+    s.add_argument('--method', default='moco', help='pretraining method: moco (default), teacher, distill, simsiam or swav')
     s.add_argument('--arch', help='backbone: resnet18 (default), resnet50 or tiny')
     s.add_argument('--size', type=int, help='side of the augmented views in pixels (default 112)')
     s.add_argument('--epochs', type=int); s.add_argument('--batch', type=int, help='global batch size (default 64)')

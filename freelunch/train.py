@@ -161,15 +161,23 @@ def init_backbone(model: MoCo, f: nn.Module):
 
 # %% ../nbs/05_train.ipynb #5b33833a
 class Method:
-    "How `pretrain` trains one method: its options, its module, the weights it starts from, the items and the loss of a batch."
+    "How `pretrain` trains one method: its options, module, starting weights, items, loss, and how a step's gradients are applied."
     name = 'moco'
     options = dict(init=None)      # init: a backbone (run folder, file or public model) that θ_q and θ_k start from
+    base_lr = 0.03                 # learning rate per 256 images (MoCo v2's): the default lr is base_lr × batch / 256
 
     def __init__(self, **opts):
         bad = sorted(set(opts) - set(self.options))
         if bad: raise FreelunchError(f"pretrain --method {self.name}: unknown option(s) {', '.join(bad)}; "
                                      f"its options are: {', '.join(self.options) or 'none'}.")
         self.opts = {**self.options, **{k: v for k, v in opts.items() if v is not None}}
+        self.data = None           # the training dataset: `pretrain` gives it before `configure`
+
+    def queue_size(self, queue, n: int, batch: int) -> int:
+        "The run's queue length: `queue` (None: the default for `n` frames) checked against the global `batch`; here MoCo's K."
+        queue = queue or default_queue(n, batch)
+        check_queue(queue, batch)
+        return queue
 
     def configure(self, cfg: dict) -> dict:
         "This method's settings for config.json (JSON values), given the common ones in `cfg`."
@@ -191,9 +199,13 @@ class Method:
         return SeededItems(TwoViews(ds, moco_v2_transform(cfg['size'])), seed)
 
     def loss(self, net: nn.Module, x_q: torch.Tensor, x_k: torch.Tensor) -> tuple:
-        "The loss of a batch and a dict of other numbers to log: here L_con, the InfoNCE loss of Eq. 2."
+        "The loss of a batch of views (one argument per view of an item) and a dict of numbers to log: here L_con (Eq. 2)."
         logits, _ = net(x_q, x_k)
         return infonce_loss(logits), {}
+
+    def update(self, model: nn.Module, opt: torch.optim.Optimizer, step: int):
+        "Apply the gradients of step `step` (0, 1, … in the run, the same when resumed) to `model`: here one optimiser step."
+        opt.step()
 
     def monitor(self, model: nn.Module) -> nn.Module:
         "The network whose features the kNN monitor uses: the backbone f_q."
@@ -201,7 +213,8 @@ class Method:
 
 # %% ../nbs/05_train.ipynb #549982dc
 METHODS = dict(moco=Method)
-METHOD_MODULES = dict(teacher='freelunch.teacher', distill='freelunch.distill')
+METHOD_MODULES = dict(teacher='freelunch.teacher', distill='freelunch.distill', simsiam='freelunch.baselines',
+                      swav='freelunch.baselines')
 
 def get_method(name: str) -> type:
     "The `Method` class registered as `name`, importing the chapter that defines it if needed."
@@ -251,12 +264,12 @@ def _finite(params) -> bool:
 # %% ../nbs/05_train.ipynb #c7d6194e
 def pretrain(prep,                         # prepared folder (its 'train' frames), or a dataset of (uint8 image, label)
              run,                          # run folder: config, checkpoints, metrics
-             method: str = 'moco',            # 'moco', 'teacher' (Chapter 7) or 'distill' (Chapter 8)
+             method: str = 'moco',            # 'moco', 'teacher' (Ch. 7), 'distill' (Ch. 8), 'simsiam' or 'swav' (Ch. 8a)
              arch=None,                       # 'resnet18' (default), 'resnet50', 'tiny', or a function returning a backbone
              size: int = 112,                 # side of the views in pixels
              epochs: int = 200, batch: int = 64,   # batch: global, over all processes
-             queue: int = None,               # K (default: 2048, fewer for small sets)
-             lr: float = None,                # default 0.03 × batch/256
+             queue: int = None,               # MoCo's K (default: 2048, fewer for small sets); SwAV's queue
+             lr: float = None,                # default 0.03 × batch/256 (the method's base_lr × batch/256)
              m: float = 0.999, tau: float = 0.2, dim: int = 128, wd: float = 1e-4, momentum: float = 0.9,
              bn_splits: int = None,           # chunks BatchNorm sees alone: default 2 in one process, 1 under DDP
              resume: bool = False,            # continue from checkpoints/last.pt if there is one
@@ -271,7 +284,7 @@ def pretrain(prep,                         # prepared folder (its 'train' frames
              max_steps: int = None,           # stop (with a checkpoint) after this many steps in all
              quiet: bool = False,
              **opts) -> Path:                 # the method's own options (its `options`), e.g. init=RUN for moco
-    "Pretrain a backbone (MoCo v2, a teacher, or by distillation) on the training frames of `prep`; write config, checkpoints and metrics to `run`."
+    "Pretrain a backbone (MoCo v2, a teacher, by distillation, SimSiam or SwAV) on the training frames of `prep`; write config, checkpoints and metrics to `run`."
     args = dict(locals())                                   # the settings as given
     device = train_device(device)
     joined = init_distributed(device)                       # under torchrun: join the process group
@@ -296,9 +309,9 @@ def _setup(prep, run, method, opts, arch, size, epochs, batch, queue, lr, m, tau
     old = json.loads((run/'config.json').read_text()) if resume and (run/'config.json').is_file() else {}
     cls = get_method(method)
     meth = cls(**{**{k: old[k] for k in cls.options if old.get(k) is not None}, **opts})   # resuming: options as before
-    queue = queue or old.get('queue') or default_queue(n, batch)
-    lr = lr or old.get('lr') or scaled_lr(batch)
-    check_queue(queue, batch)
+    meth.data = ds
+    queue = meth.queue_size(queue if queue is not None else old.get('queue'), n, batch)
+    lr = lr or old.get('lr') or scaled_lr(batch, cls.base_lr)
     name = arch if arch is None or isinstance(arch, str) else getattr(arch, '__name__', type(arch).__name__)
     cfg = dict(kind='freelunch-pretrain', prep=_data_name(prep), method=method, arch=name or old.get('arch'), size=size,
                epochs=epochs, batch=batch, queue=queue, lr=lr, m=m, tau=tau, dim=dim, wd=wd, momentum=momentum,
@@ -362,17 +375,17 @@ def _pretrain(prep, run, method, arch, size, epochs, batch, queue, lr, m, tau, d
         epoch, start = divmod(state['step'], steps_per_epoch)
         sampler.set_epoch(epoch, start)
         t0 = time.perf_counter()
-        for (x_q, x_k), _ in dl:
+        for xs, _ in dl:                                       # the views of a batch: (x_q, x_k), or SwAV's crops
             cur = cosine_lr(state['step'], total, lr)
             for g in (opt.param_groups if opt else ()): g['lr'] = cur   # nothing to train: no optimiser
-            x_q, x_k = _to_device(x_q, device, channels_last), _to_device(x_k, device, channels_last)
+            xs = [_to_device(x, device, channels_last) for x in xs]
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == 'bf16'):
-                loss, logs = meth.loss(net, x_q, x_k)             # MoCo: Eq. 2; distillation: Eq. 7
+                loss, logs = meth.loss(net, *xs)                  # MoCo: Eq. 2; distillation: Eq. 7
             lv = loss.detach().clone()
             if world > 1: dist.all_reduce(lv); lv /= world
             lv = lv.item()
             if not math.isfinite(lv): _diverged(f"the loss became {lv}", state, ckpt, cur)
-            if opt: opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
+            if opt: opt.zero_grad(set_to_none=True); loss.backward(); meth.update(model, opt, state['step'])
             state['step'] += 1
             es, dt = state['epoch_stats'], time.perf_counter() - t0
             es['loss_sum'] += lv; es['steps'] += 1; es['images'] += batch; es['seconds'] += dt

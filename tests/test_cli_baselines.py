@@ -1,0 +1,130 @@
+"SimSiam and SwAV from the command line: they train, resume bit for bit, keep SwAV's prototypes frozen then on the sphere, run under DDP, and refuse bad input."
+import json, os, subprocess, sys
+from pathlib import Path
+import numpy as np
+import pytest
+import torch
+from freelunch.cli import main
+from freelunch.data import write_test_video, write_phase_file, prepare
+from freelunch.train import load_checkpoint, load_moco, read_metrics
+
+TINY = ['--arch', 'tiny', '--size', '32', '--batch', '8', '--workers', '0']
+SIMSIAM = ['--method', 'simsiam', '--proj-dim', '64', '--pred-dim', '16']
+SWAV = ['--method', 'swav', '--prototypes', '8', '--queue', '16', '--small-crops', '2', '--small-size', '16',
+        '--proj-dim', '16', '--hidden-dim', '32', '--freeze-prototypes', '1', '--queue-start', '0.5']
+
+def fl(*args, capsys=None):
+    "Run `freelunch ARGS` in this process; (exit code, stdout, stderr)."
+    try: main([str(a) for a in args]); code = 0
+    except SystemExit as e: code = e.code
+    out = capsys.readouterr() if capsys else None
+    return code, (out.out if out else ''), (out.err if out else '')
+
+@pytest.fixture(scope='module')
+def prep(tmp_path_factory):
+    "Three 6-second videos (two for training, one held out) at 5 fps and 32 px: 60 training frames."
+    d = tmp_path_factory.mktemp('baselines')
+    for i in (1, 2, 41):
+        write_test_video(d/'raw'/'videos'/f'video{i:02d}.mp4', n_frames=150, width=64, height=48, seed=i)
+        write_phase_file(d/'raw'/'phase_annotations'/f'video{i:02d}-phase.txt', np.arange(150) // 40)
+    prepare(d/'raw', d/'prep', fps=5, size=32, workers=1)
+    return d/'prep'
+
+def _ck(run): return load_checkpoint(Path(run)/'checkpoints'/'last.pt')
+
+def _resumes_exactly(prep, tmp_path, opts, epochs=2, stop=5):
+    "An uninterrupted run and one stopped after `stop` steps and resumed end bit-identical."
+    ref, part = tmp_path/'ref', tmp_path/'part'
+    assert fl('pretrain', prep, ref, *opts, *TINY, '--epochs', epochs)[0] == 0
+    assert fl('pretrain', prep, part, *opts, *TINY, '--epochs', epochs, '--max-steps', stop, '--ckpt-every', 2)[0] == 0
+    assert _ck(part)['step'] == stop
+    assert fl('pretrain', prep, part, *opts, *TINY, '--epochs', epochs, '--resume')[0] == 0
+    a, b = _ck(ref), _ck(part)
+    assert a['step'] == b['step'] == epochs * (60 // 8)
+    for k in a['model']: assert torch.equal(a['model'][k], b['model'][k]), k
+    assert read_metrics(ref).loss.tolist() == read_metrics(part).loss.tolist()
+    return ref
+
+def test_simsiam_trains_and_resumes_exactly(prep, tmp_path):
+    ref = _resumes_exactly(prep, tmp_path, SIMSIAM)
+    cfg = json.loads((ref/'config.json').read_text())
+    assert (cfg['method'], cfg['queue'], cfg['proj_dim'], cfg['stop_grad'], cfg['lr']) == ('simsiam', 0, 64, True, 0.05 * 8 / 256)
+    h = read_metrics(ref)
+    assert h.knn_top1.notna().all() and (h.z_std > 0).all() and (h.z_std < 1).all()
+    assert type(load_moco(ref)).__name__ == 'SimSiam'
+
+def test_swav_trains_resumes_exactly_and_keeps_its_prototypes(prep, tmp_path):
+    "Stopped at step 5 (prototypes still frozen, queue filling) and resumed past the unfreezing (step 7): bit-identical."
+    ref = _resumes_exactly(prep, tmp_path, SWAV)
+    cfg = json.loads((ref/'config.json').read_text())
+    assert (cfg['queue'], cfg['prototypes'], cfg['small_size'], cfg['small_crops']) == (16, 8, 16, 2)
+    runs = {}
+    for steps in (1, 6):                                    # steps 0-6 are the first epoch: prototypes frozen
+        r = tmp_path/f'stop{steps}'
+        assert fl('pretrain', prep, r, *SWAV, *TINY, '--epochs', 2, '--max-steps', steps)[0] == 0
+        runs[steps] = _ck(r)['model']
+    end = _ck(ref)['model']
+    w1, w6, w14 = runs[1]['prototypes.weight'], runs[6]['prototypes.weight'], end['prototypes.weight']
+    assert torch.equal(w1, w6) and not torch.equal(w6, w14)           # frozen through the first epoch, trained after
+    assert not torch.equal(runs[1]['backbone.0.weight'], runs[6]['backbone.0.weight'])
+    for w in (w1, w14): torch.testing.assert_close(w.norm(dim=1), torch.ones(8))
+    assert int(end['queued']) == 16 and int(end['steps']) == 14
+    h = read_metrics(ref)
+    assert h.knn_top1.notna().all() and (h.prototypes_used >= 1).all()
+
+def test_stop_gradient_off_is_recorded(prep, tmp_path):
+    assert fl('pretrain', prep, tmp_path/'r', *SIMSIAM, *TINY, '--epochs', 1, '--stop-grad', 'false')[0] == 0
+    assert json.loads((tmp_path/'r'/'config.json').read_text())['stop_grad'] is False
+
+@pytest.mark.parametrize('extra, words', [
+    (['--method', 'simsiam', '--prototypes', '8'], 'unknown option(s) prototypes'),
+    (['--method', 'swav', '--stop-grad', 'true'], 'unknown option(s) stop_grad'),
+    (['--method', 'simsiam', '--queue', '16'], 'SimSiam keeps no queue'),
+    (['--method', 'swav', '--queue', '12'], "SwAV's queue of 12 embeddings is not a multiple of the global batch size 8"),
+    (['--method', 'swav', '--size', '48'], 'larger than the frames (32 px)'),
+    (['--method', 'swav', '--small-size', '32'], 'smaller than the large crops (32 px)'),
+    (['--method', 'swav', '--prototypes', '0'], 'prototypes=0'),
+])
+def test_bad_input_is_refused_before_anything_is_written(prep, tmp_path, capsys, extra, words):
+    code, _, err = fl('pretrain', prep, tmp_path/'r', *TINY, '--epochs', 1, '--max-steps', 1, *extra, capsys=capsys)   # (a second --size wins)
+    assert code == 2 and words in err, err
+    assert not (tmp_path/'r'/'config.json').exists()
+
+def test_bench_names(capsys):
+    code, _, err = fl('bench', 'nope', capsys=capsys)
+    assert code == 2 and 'simsiam' in err and 'swav' in err
+
+DDP_SCRIPT = r'''
+import json, os, sys, torch, torch.distributed as dist
+from freelunch.baselines import sinkhorn
+from freelunch.train import pretrain
+prep, run, out = sys.argv[1:4]
+dist.init_process_group('gloo')
+rank = dist.get_rank()
+torch.manual_seed(0)
+scores = torch.rand(12, 5) * 2 - 1                    # the same on both ranks; each takes half the batch
+res = dict(mine=sinkhorn(scores[6 * rank:6 * (rank + 1)], 0.05, 3).tolist())
+dist.destroy_process_group()
+pretrain(prep, run, method='swav', arch='tiny', size=32, epochs=1, batch=16, queue=32, workers=0, quiet=True,
+         knn_frames=50, prototypes=8, small_crops=2, small_size=16, proj_dim=16, hidden_dim=32, queue_start=0.0)
+with open(os.path.join(out, f'rank{rank}.json'), 'w') as f: json.dump(res, f)
+'''
+
+def test_swav_under_ddp_two_processes_gloo(prep, tmp_path):
+    "Two CPU processes: Sinkhorn over the two halves of a batch gives the codes of the whole batch; a SwAV run trains."
+    from freelunch.baselines import sinkhorn
+    script, run = tmp_path/'ddp.py', tmp_path/'run'
+    script.write_text(DDP_SCRIPT)
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                        str(script), str(prep), str(run), str(tmp_path)], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    halves = [torch.tensor(json.loads((tmp_path/f'rank{i}.json').read_text())['mine']) for i in (0, 1)]
+    torch.manual_seed(0)
+    whole = sinkhorn(torch.rand(12, 5) * 2 - 1, 0.05, 3)             # one process, the whole batch
+    torch.testing.assert_close(torch.cat(halves), whole, atol=1e-6, rtol=1e-5)
+    cfg = json.loads((run/'config.json').read_text())
+    assert cfg['world_size'] == 2 and cfg['queue'] == 32
+    ck = _ck(run)
+    assert ck['step'] == 60 // 16 and tuple(ck['model']['queue'].shape) == (2, 16, 16)   # each process: half the queue
+    assert read_metrics(run).knn_top1.notna().all()
