@@ -162,4 +162,6 @@ def main(argv=None):
         raise SystemExit(130)
 
 # %% ../nbs/14_cli.ipynb #338d691d
-if __name__ == '__main__' and sys.argv[0].endswith('cli.py'): main()
+if __name__ == '__main__' and sys.argv[0].endswith('cli.py'):
+    from freelunch.cli import main as _main   # the imported module, where the chapters register their benchmarks
+    _main()
