@@ -188,6 +188,15 @@ def _logits(model, x_or_ds, batch, device, workers=0) -> torch.Tensor:
     dl = torch.utils.data.DataLoader(x_or_ds, batch_size=batch, num_workers=workers)
     return torch.cat([model(x.to(device)).float().cpu() for x, _ in dl])
 
+@torch.no_grad()
+def _raw_weights(model, std) -> dict:
+    "The classifier's weights; a linear layer trained on standardised features is folded back onto the raw ones."
+    w = model.state_dict()
+    if std is None: return w
+    mu, sd = (t.to(model.fc.weight.device) for t in std)
+    W = model.fc.weight / sd                                  # W (x − μ)/σ + b  =  (W/σ) x + (b − (W/σ) μ)
+    return {**w, 'fc.weight': W, 'fc.bias': model.fc.bias - W @ mu}
+
 # %% ../nbs/09_finetune.ipynb #a7b5fd2f
 def finetune(prep, run,
              init='scratch',          # backbone spec: see `resolve_backbone`
@@ -236,11 +245,16 @@ def _finetune_loop(prep, run, cfg, model, opt, sched, rows, val, resume, max_epo
         ck = load_checkpoint(ck_last, map_location=device)
         model.load_state_dict(ck['model']); opt.load_state_dict(ck['optimizer']); sched.load_state_dict(ck['scheduler'])
         state.update(epoch=ck['epoch'], history=ck['history'], best=ck['best'])
+        if 'fc_std' in ck: model.fc.load_state_dict(ck['fc_std'])       # linear: W, b as trained, on standardised features
     ev = eval_transform(size)
-    y = torch.as_tensor(rows.phase.values)
-    if mode == 'linear':                                    # frozen f: its features once, the linear layer on them
+    y = torch.tensor(rows.phase.to_numpy())                 # a copy: pandas' array is read-only
+    std = None
+    if mode == 'linear':                                    # frozen f: its features once, standardised, the linear layer on them
         X = embed(model.backbone, FrameDataset(prep, transform=ev, index=rows), 128, device, workers)
-        Xv = embed(model.backbone, FrameDataset(prep, transform=ev, index=val), 128, device, workers) if len(val) else None
+        std = X.mean(0), X.std(0, unbiased=False) + 1e-6    # the labelled frames' statistics, for them and the validation frames
+        X = (X - std[0]) / std[1]
+        Xv = (embed(model.backbone, FrameDataset(prep, transform=ev, index=val), 128, device, workers) - std[0]) / std[1] \
+             if len(val) else None
     else:
         items = SeededItems(FrameDataset(prep, transform=train_transform(size), index=rows), seed)
         Xv = FrameDataset(prep, transform=ev, index=val) if len(val) else None
@@ -266,7 +280,7 @@ def _finetune_loop(prep, run, cfg, model, opt, sched, rows, val, resume, max_epo
         lr_now = opt.param_groups[0]['lr']; sched.step()
         val_acc = None
         if Xv is not None:
-            val_acc = round(100 * (_logits(model, Xv, 128, device, workers).argmax(1) == torch.as_tensor(val.phase.values))
+            val_acc = round(100 * (_logits(model, Xv, 128, device, workers).argmax(1) == torch.tensor(val.phase.to_numpy()))
                             .float().mean().item(), 2)
         state['history'].append(dict(epoch=epoch + 1, loss=loss_sum / n, train_acc=round(100 * correct / n, 2),
                                      val_acc=val_acc, lr=lr_now, seconds=round(time.perf_counter() - t0, 2)))
@@ -274,10 +288,11 @@ def _finetune_loop(prep, run, cfg, model, opt, sched, rows, val, resume, max_epo
         if val_acc is not None and (state['best'] is None or val_acc > state['best']):
             state['best'] = val_acc
             save_checkpoint(ck_best, dict(kind='freelunch-finetune', version=1, config=cfg, epoch=epoch + 1,
-                                          val_acc=val_acc, model=model.state_dict()))
+                                          val_acc=val_acc, model=_raw_weights(model, std)))
         save_checkpoint(ck_last, dict(kind='freelunch-finetune', version=1, config=cfg, epoch=epoch + 1,
-                                      model=model.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(),
-                                      history=state['history'], best=state['best']))
+                                      model=_raw_weights(model, std), optimizer=opt.state_dict(), scheduler=sched.state_dict(),
+                                      history=state['history'], best=state['best'],
+                                      **({'fc_std': model.fc.state_dict()} if std else {})))
         with atomic_write(run/'metrics.jsonl') as fh: fh.writelines(json.dumps(h) + '\n' for h in state['history'])
     bar.close()
     return run
@@ -310,7 +325,7 @@ def frame_accuracy(model: PhaseClassifier, prep, split: str = 'test', size: int 
     ds = FrameDataset(prep, split=split, transform=eval_transform(size))
     if len(ds) == 0: raise FreelunchError(f"{prep}: no frames in split {split!r}.")
     pred = _logits(model.to(device), ds, batch, device, workers).argmax(1)
-    return round(100 * (pred == torch.as_tensor(ds.phases)).float().mean().item(), 2)
+    return round(100 * (pred == torch.tensor(np.asarray(ds.phases))).float().mean().item(), 2)
 
 # %% ../nbs/09_finetune.ipynb #74887b0b
 def sample_rows(rows, fps: float, prepared_fps: float = None):
