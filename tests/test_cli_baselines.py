@@ -117,7 +117,7 @@ def test_swav_under_ddp_two_processes_gloo(prep, tmp_path):
     script.write_text(DDP_SCRIPT)
     env = {**os.environ, 'OMP_NUM_THREADS': '1'}
     r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-                        str(script), str(prep), str(run), str(tmp_path)], capture_output=True, text=True, env=env, timeout=300)
+                        str(script), str(prep), str(run), str(tmp_path)], capture_output=True, text=True, env=env, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     halves = [torch.tensor(json.loads((tmp_path/f'rank{i}.json').read_text())['mine']) for i in (0, 1)]
     torch.manual_seed(0)

@@ -241,5 +241,3 @@ def test_chapters_are_stored_with_their_figures(nb):
     "Each of these chapters is stored with the outputs of a run, figures included (UMAP views, curves, ribbons, rows)."
     assert _images_in_notebook(nb) >= FIGURE_CHAPTERS[nb], \
         f"{nb} stores {_images_in_notebook(nb)} figure(s): run it top to bottom and save it with its outputs"
-    code = [c for c in _cells(nb) if c['cell_type'] == 'code' and not re.search(r'^#\|\s*(hide|export)', _src(c), re.M)]
-    assert sum(bool(c.get('outputs')) for c in code) >= len(code) // 3, f"{nb}: most cells have no output: stored unexecuted?"
