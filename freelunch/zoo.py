@@ -276,8 +276,8 @@ def checked_file(path, m: ZooModel) -> str:
     return _CHECKED[key]
 
 def generic_run(arch: str = 'resnet18') -> Path:
-    "The run folder of the offline free model of architecture `arch` (made by `pretrain_generic`)."
-    return freelunch_home()/'models'/f'generic-{arch}'
+    "The run folder of the offline free model of architecture `arch` (made by `pretrain_generic`); under IN_TEST a folder of its own."
+    return freelunch_home()/'models'/(f'generic-{arch}' + ('-test' if in_test() else ''))
 
 def _is_run(p: Path) -> bool: return p.is_dir() and (p/'config.json').is_file()
 

@@ -27,3 +27,12 @@ def run_cli(*args, check=True):
 
 import atexit, shutil
 atexit.register(shutil.rmtree, os.environ['FREELUNCH_HOME'], True) if 'freelunch-test-home-' in os.environ['FREELUNCH_HOME'] else None
+
+@pytest.fixture(autouse=True)
+def cache_folder_stays():
+    "A test (or a chapter run as one) that changes FREELUNCH_HOME fails, and the tests' own folder comes back for the next."
+    before = os.environ.get('FREELUNCH_HOME')
+    yield
+    after = os.environ.get('FREELUNCH_HOME')
+    os.environ['FREELUNCH_HOME'] = before
+    assert after == before, f"FREELUNCH_HOME was {before!r} before the test and {after!r} after it"
