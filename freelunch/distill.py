@@ -16,9 +16,9 @@ from .moco import MoCo, Encoder, KeyQueue, backbone, mlp_head, infonce_logits, i
 from .train import Method, METHODS, resolve_spec, init_backbone, load_moco
 
 # %% auto #0
-__all__ = ['soft_targets', 'entropy', 'distill_loss', 'fold_bn', 'quantize_backbone', 'Distiller', 'load_teacher',
-           'DistillMethod', 'similarity_rows', 'show_rows', 'targets_explorer', 'FusedBackbone', 'fuse_backbones',
-           'bench_distill', 'add_cli']
+__all__ = ['PRECISIONS', 'soft_targets', 'entropy', 'distill_loss', 'fold_bn', 'quantize_backbone', 'cpu_bf16', 'Distiller',
+           'load_teacher', 'DistillMethod', 'similarity_rows', 'show_rows', 'targets_explorer', 'FusedBackbone',
+           'fuse_backbones', 'bench_distill', 'add_cli']
 
 # %% ../nbs/08_distill.ipynb #ff82d0c6
 def soft_targets(sim: torch.Tensor, tau: float = 0.07) -> torch.Tensor:
@@ -75,6 +75,13 @@ def quantize_backbone(f: nn.Module, x: torch.Tensor) -> nn.Module:
     return q
 
 # %% ../nbs/08_distill.ipynb #0109a0f3
+PRECISIONS = ('auto', 'bf16', 'fp32')   # auto: int8 where the backbone converts, else bfloat16 where the CPU has it, else float32
+
+def cpu_bf16() -> bool:
+    "True when this CPU computes in bfloat16 natively (AVX-512 BF16 or AMX): only then is a bfloat16 teacher faster than float32."
+    try: return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except Exception: return False
+
 class Distiller(nn.Module):
     "A MoCo student plus KL to a frozen teacher's similarity rows (Eq. 5–7); teacher and student queues in lockstep."
     def __init__(self, student: MoCo,            # the student (trained): MoCo on surgical frames
@@ -84,10 +91,10 @@ class Distiller(nn.Module):
                  positive: bool = True,          # include the positive column in Eq. 6 (as the authors do)
                  teacher_views: int = 2,         # 2: q_t from x_q and k_t from x_k (Eq. 5); 1: both from x_q
                  overlap: bool = True,           # on a CPU, the teacher's passes run beside the student's forward
-                 precision: str = 'auto'):       # the teacher's arithmetic on a CPU: 'auto' (int8) or 'fp32'
+                 precision: str = 'auto'):       # the teacher's arithmetic on a CPU: 'auto', 'bf16' or 'fp32'
         super().__init__()
         if teacher_views not in (1, 2): raise FreelunchError(f"teacher_views={teacher_views}: choose 1 or 2.")
-        if precision not in ('auto', 'fp32'): raise FreelunchError(f"precision={precision!r}: choose 'auto' or 'fp32'.")
+        if precision not in PRECISIONS: raise FreelunchError(f"precision={precision!r}: choose one of {', '.join(PRECISIONS)}.")
         self.student, self.lam, self.tau_t, self.positive, self.teacher_views = student, lam, tau_t, positive, teacher_views
         self.teacher_q, self.teacher_k = copy.deepcopy(teacher.encoder_q), copy.deepcopy(teacher.encoder_k)
         for p in [*self.teacher_q.parameters(), *self.teacher_k.parameters()]: p.requires_grad = False
@@ -130,7 +137,7 @@ class Distiller(nn.Module):
     def teacher_embed(self, x_q: torch.Tensor, x_k: torch.Tensor) -> tuple:
         "The teacher's q_t = h_q(f_q(x_q)) and k_t = h_k(f_k(x_k)), normalised (teacher_views=1: k_t = h_k(f_q(x_q)))."
         tq, tk = self.teacher_nets(x_q)
-        with torch.inference_mode():
+        with torch.inference_mode(), torch.autocast('cpu', dtype=torch.bfloat16, enabled=self.uses_bf16(x_q)):
             if self.teacher_views == 1:
                 g = tq.backbone(x_q); q_t, k_t = tq.head(g), tk.head(g)
             elif self.shared_backbone():                            # f_q = f_k: one pass over both views
@@ -155,6 +162,11 @@ class Distiller(nn.Module):
         "Whether the teacher runs in int8 on images like `x` (precision 'auto', on a CPU)."
         return self.precision == 'auto' and x.device.type == 'cpu'
 
+    def uses_bf16(self, x: torch.Tensor) -> bool:
+        "Whether the teacher runs in bfloat16 on images like `x`: on a CPU with bfloat16 units, asked for, or 'auto' with a backbone that has no int8 copy."
+        if x.device.type != 'cpu' or not cpu_bf16(): return False
+        return self.precision == 'bf16' or (self.uses_int8(x) and 'int8' in self._folded and self._folded['int8'] is None)
+
     @torch.no_grad()
     def calibrate(self, x: torch.Tensor):
         "Make the int8 teacher, its activation ranges measured on the views `x`; float32 if its backbone does not convert."
@@ -164,7 +176,7 @@ class Distiller(nn.Module):
         bk = bq if self.shared_backbone() else quantize_backbone(self.teacher_k.backbone, x)
         ok = bq is not None and bk is not None
         if not ok: warnings.warn(f"The teacher's backbone ({type(self.teacher_q.backbone).__name__}) does not convert to "
-                             "int8; it runs in float32.")
+                             "int8; it runs in bfloat16 where the CPU has it, else in float32.")
         self._folded['int8'] = (Encoder(bq, self.teacher_q.head), Encoder(bk, self.teacher_k.head)) if ok else None
 
     def teacher_nets(self, x: torch.Tensor) -> tuple:
@@ -214,7 +226,7 @@ class DistillMethod(Method):
                    tau_t=0.07,          # temperature of the soft targets (the paper's text; its code: 0.2)
                    positive=True,       # include the positive column (as the authors do)
                    teacher_views=2,     # 2: exact Eq. 5; 1: one teacher pass per step (q_t and k_t from x_q)
-                   teacher_precision='auto',   # the teacher on a CPU: 'auto' (int8) or 'fp32'
+                   teacher_precision='auto',   # the teacher on a CPU: 'auto' (int8, else bfloat16 where the CPU has it), 'bf16' or 'fp32'
                    init=None)           # the student's starting backbone; 'teacher': the teacher's
 
     def configure(self, cfg):
@@ -351,10 +363,10 @@ def bench_distill(sizes=(64, 112), batch: int = 64, steps: int = 10, arch: str =
     mf = torch.channels_last if channels_last else torch.contiguous_format
     ac = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda)
     res = dict(arch=arch, teacher_arch=teacher_arch, batch=batch, queue=queue, steps=steps, device=str(device), amp='bf16' if cuda else 'off',
-               bn_splits=bn_splits, channels_last=channels_last, threads=torch.get_num_threads(), torch=torch.__version__,
+               bn_splits=bn_splits, channels_last=channels_last, threads=torch.get_num_threads(), torch=torch.__version__, cpu_bf16=cpu_bf16(),
                note=('ratio = distillation step time / MoCo step time, the median over rounds of the ratio within a '
                      'round (repetitions interleaved round-robin; best and median step times beside); '
-                     'exact = the default, teacher_views=2 (Eq. 5), teacher in int8 on a CPU where it converts (EfficientNet-Lite: float32); fp32 = the same in '
+                     'exact = the default, teacher_views=2 (Eq. 5), teacher in int8 on a CPU where it converts, else bfloat16 where the CPU has bfloat16 units (cpu_bf16), else float32 (EfficientNet-Lite: no int8); fp32 = the same in '
                      "float32; fp32_sequential = fp32 with the teacher after the student's forward instead of beside "
                      "it; one_view = teacher_views=1; naive = two plain float32 teacher passes after the student's "
                      'forward (no folded BatchNorm, no shared pass, no overlap); target: ratio <= 1.25'), sizes={})
@@ -410,7 +422,8 @@ def add_cli(sub, parsers):
     g.add_argument('--tau-t', type=float, help="temperature of the soft targets (default 0.07, the paper's text; its code: 0.2)")
     g.add_argument('--positive', type=_flag, help='include the positive column in L_dis: true (default, as the authors) or false')
     g.add_argument('--teacher-views', type=int, choices=[1, 2], help='teacher passes per step: 2 (exact Eq. 5, default) or 1')
-    g.add_argument('--teacher-precision', choices=['auto', 'fp32'],
-                   help="the frozen teacher's arithmetic on a CPU: auto (int8, calibrated on the run's views; default) or fp32")
+    g.add_argument('--teacher-precision', choices=list(PRECISIONS),
+                   help="the frozen teacher's arithmetic on a CPU: auto (int8, calibrated on the run's views, where the "
+                        "backbone converts; else bfloat16 where the CPU has bfloat16 units; default), bf16 or fp32")
     p.add_argument('--init', help="starting backbone of MoCo or of the student: run folder, file, registry name, or 'teacher'")
     BENCHES['distill'] = _bench

@@ -327,7 +327,7 @@ def imagenet_labels() -> list:
     return ResNet18_Weights.IMAGENET1K_V1.meta['categories']
 
 # %% ../nbs/06_zoo.ipynb #81b62f6c
-GENERIC = dict(images=2048, image_size=80, size=64, epochs=6, batch=64, lr=0.06, m=0.99)
+GENERIC = dict(images=2048, image_size=80, size=64, epochs=4, batch=64, lr=0.06, m=0.99)
 
 def pretrain_generic(run=None,                      # run folder (default: `generic_run(arch)` in the cache)
                      arch: str = 'resnet18',
