@@ -12,10 +12,11 @@ from .core import *
 from .data import load_index, phase_names, MANIFEST
 
 # %% auto #0
-__all__ = ['PRESETS', 'EXPERIMENTS', 'METHODS', 'MAIN', 'SCORES', 'PAIRS', 'PAPER', 'experiment_methods', 'preset_config',
-           'Stages', 'stage_data', 'stage_free', 'stage_pretrain', 'method_backbone', 'linear_probe',
-           'downstream_features', 'downstream', 'relaxed_share', 'run_downstream', 'reproduce', 'summarise',
-           'results_frame', 'paired', 'verdict', 'differences', 'findings', 'write_report', 'summary_lines', 'add_cli']
+__all__ = ['PRESETS', 'EXPERIMENTS', 'METHODS', 'MAIN', 'BASELINES', 'FRACTION_ROWS', 'EXTENDABLE', 'SCORES', 'PAIRS', 'PAPER',
+           'experiment_methods', 'preset_config', 'Stages', 'stage_data', 'stage_free', 'stage_pretrain',
+           'method_backbone', 'linear_probe', 'downstream_features', 'downstream', 'relaxed_share', 'run_downstream',
+           'reproduce', 'summarise', 'results_frame', 'paired', 'verdict', 'differences', 'findings', 'write_report',
+           'summary_lines', 'add_cli']
 
 # %% ../nbs/13_pipeline.ipynb #fb0419db
 PRESETS = {
@@ -45,7 +46,9 @@ PRESETS = {
         tcn=dict(model='causal', epochs=100),
         fractions=(0.1, 0.25, 0.5, 1.0), seeds=3, experiments=('table1', 'fig3')),
 }
-EXPERIMENTS = ('table1', 'fig3', 'table2', 'table3')
+from .baselines import PRESETS as _BASELINE_PRESETS   # SimSiam's and SwAV's options by preset (Chapter 8a)
+for _name, _preset in PRESETS.items(): _preset.update(copy.deepcopy(_BASELINE_PRESETS[_name]))
+EXPERIMENTS = ('table1', 'fig3', 'table2', 'table3', 'baselines')
 
 # %% ../nbs/13_pipeline.ipynb #ec99a0b3
 METHODS = {   # name in the report → (what it is, the paper's row it stands beside)
@@ -57,15 +60,20 @@ METHODS = {   # name in the report → (what it is, the paper's row it stands be
     'Addition':    ('teacher + MoCo v2 features, added', 'Addition'),
     'Concatenation': ('teacher and MoCo v2 features, concatenated', 'Concatenation'),
     'Initialization': ('MoCo v2 started from the teacher', 'Initialization'),
+    'SimSiam':     ('SimSiam on the surgical training frames: no negatives, no momentum encoder (Chapter 8a)', 'SimSiam'),
+    'SwAV':        ('SwAV on the surgical training frames: online clustering, multi-crop (Chapter 8a)', 'SwAV'),
 }
 
 MAIN = ('Scratch', 'Free model', 'Teacher', 'MoCo v2', 'Ours')   # the rows of Table 1 and Figure 3
+BASELINES = {'SimSiam': 'simsiam', 'SwAV': 'swav'}              # Table 1's other SSL rows → their `pretrain` method
+FRACTION_ROWS = MAIN + tuple(BASELINES)                          # the rows that Figure 3 spans over label fractions
 
 def experiment_methods(experiments) -> list:
     "The backbones the chosen experiments need, in report order."
     need = []
     if {'table1', 'fig3'} & set(experiments): need += list(MAIN)
     if 'table2' in experiments: need += ['Addition', 'Concatenation', 'Initialization', 'Ours']
+    if 'baselines' in experiments: need += ['MoCo v2', 'Ours', *BASELINES]   # compared with the contrastive rows
     if 'table3' in experiments: need += ['Teacher: ' + v for v in ('none', 'head', 'backbone', 'both')]
     return list(dict.fromkeys(need))
 
@@ -150,9 +158,9 @@ def _pretrain_kw(c: dict, which: str) -> dict:
     return {**kw, **c[which]}
 
 def stage_pretrain(st: Stages, c: dict, prep: Path, name: str, method: str, **opts) -> Path:
-    "A pretraining run (moco, teacher or distill) as a stage under models/`name`."
+    "A pretraining run (moco, teacher, distill, simsiam or swav: the preset's options under that key) as a stage under models/`name`."
     from freelunch.train import pretrain
-    kw = {**_pretrain_kw(c, {'moco': 'moco', 'teacher': 'teacher', 'distill': 'distill'}[method]), **opts}
+    kw = {**_pretrain_kw(c, method), **opts}
     if method == 'teacher': kw.pop('arch')           # the teacher's architecture is the free model's
     return st(f'models/{name}', lambda d: pretrain(prep, d, method=method, resume=True, quiet=st.quiet, **kw),
               dict(method=method, **kw))
@@ -242,19 +250,22 @@ def _peak_mib() -> float:
     r = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
     return round(r / 2**20 if platform.system() == 'Darwin' else r / 2**10, 1)     # bytes on macOS, KiB on Linux
 
+EXTENDABLE = ('experiments', 'seeds')   # a finished run can be extended with these: its stages are reused
+
 def _check_out(out: Path, c: dict):
+    "Refuse a run folder made with other settings (the experiments and seeds may grow); record the settings."
     cfg = out/'config.json'
     if cfg.is_file():
         old = json.loads(cfg.read_text())
         if old.get('kind') != 'freelunch-reproduce':
             raise FreelunchError(f"{out} holds another kind of run ({old.get('kind')}); choose a new --out folder.")
-        if old['config'] != json.loads(json.dumps(c, default=str)):
-            raise FreelunchError(f"{out} is a reproduce run with other settings ({_diff(old['config'], c)}); "
+        fixed = lambda d: {k: v for k, v in d.items() if k not in EXTENDABLE}
+        if fixed(old['config']) != fixed(json.loads(json.dumps(c, default=str))):
+            raise FreelunchError(f"{out} is a reproduce run with other settings ({_diff(fixed(old['config']), fixed(c))}); "
                                  "choose a new --out folder, or rerun with the same settings to resume it.")
     elif out.exists() and any(out.iterdir()):
         raise FreelunchError(f"{out} is not empty and is not a reproduce run; choose a new or empty --out folder.")
-    else:
-        with atomic_write(cfg) as f: json.dump(dict(kind='freelunch-reproduce', version=1, config=c), f, indent=1, default=str)
+    with atomic_write(cfg) as f: json.dump(dict(kind='freelunch-reproduce', version=1, config=c), f, indent=1, default=str)
 
 # %% ../nbs/13_pipeline.ipynb #7b133fa3
 def relaxed_share(results: list, c: dict, dataset: str = 'cholec80') -> dict:
@@ -271,18 +282,28 @@ def relaxed_share(results: list, c: dict, dataset: str = 'cholec80') -> dict:
         near += int(ok.sum()); total += len(y); lengths.append(len(y) / fps)
     return dict(share=round(100 * near / max(total, 1), 1), window_s=WINDOW_S, mean_video_s=round(float(np.mean(lengths)), 1))
 
-def _knn_stage(d: Path, c: dict, prep: Path, runs: dict):
-    "kNN top-1 (%) of held-out frames (validation videos, else test) among the training frames, for each model's features (what the teacher gives, at a glance)."
-    from freelunch.train import knn_sets, knn_accuracy, load_moco
+def _knn_stages(st: Stages, c: dict, prep: Path, runs: dict) -> dict:
+    "kNN top-1 (%) of held-out frames (validation videos, else test) among the training frames, for each model's features (what the teacher gives, at a glance); one stage per model, so an extended run measures only the new ones."
+    from freelunch.train import knn_sets, knn_accuracy
     from freelunch.teacher import TeacherMethod
-    sets = knn_sets(prep, c['size'], 2000)
-    tcfg = json.loads((Path(runs['teacher'])/'config.json').read_text())
-    seed_everything(0); untrained = TeacherMethod().build(tcfg); TeacherMethod().start(untrained, tcfg)   # heads N(0, 0.01)
-    nets = {'Scratch': method_backbone('Scratch', c, runs), 'Free model: backbone f(x)': method_backbone('Free model', c, runs),
-            'Free model, untrained head h(f(x))': untrained.encoder_q, 'Teacher: h(f(x))': method_backbone('Teacher', c, runs),
-            'MoCo v2': method_backbone('MoCo v2', c, runs), 'Ours': method_backbone('Ours', c, runs)}
-    out = {k: knn_accuracy(f.eval(), sets) for k, f in nets.items()}
-    with atomic_write(d/'knn.json') as fh: json.dump(out, fh, indent=1)
+    def untrained():
+        tcfg = json.loads((Path(runs['teacher'])/'config.json').read_text())
+        seed_everything(0); t = TeacherMethod().build(tcfg); TeacherMethod().start(t, tcfg)   # heads N(0, 0.01)
+        return t.encoder_q
+    nets = {'Scratch': ('seed 0', lambda: method_backbone('Scratch', c, runs)),
+            'Free model: backbone f(x)': (runs['Free model'], lambda: method_backbone('Free model', c, runs)),
+            'Free model, untrained head h(f(x))': (runs['teacher'], untrained),
+            'Teacher: h(f(x))': (runs['teacher'], lambda: method_backbone('Teacher', c, runs)),
+            **{k: (runs[k], lambda k=k: method_backbone(k, c, runs)) for k in ('MoCo v2', 'Ours', *BASELINES) if k in runs}}
+    sets, out = [], {}
+    def measure(d, make):
+        if not sets: sets.append(knn_sets(prep, c['size'], 2000))     # made once, only if a model needs measuring
+        with atomic_write(d/'knn.json') as fh: json.dump(dict(knn_top1=knn_accuracy(make().eval(), sets[0])), fh)
+    for name, (spec, make) in nets.items():
+        key = ''.join(ch if ch.isalnum() else '_' for ch in name).strip('_')
+        d = st(f'knn/{key}', lambda d, make=make: measure(d, make), dict(model=name, spec=spec, size=c['size']))
+        out[name] = json.loads((d/'knn.json').read_text())['knn_top1']
+    return out
 
 def _check_transfers(methods, free, c):
     "Table 2's addition and initialisation need a student of the teacher's architecture: say so before any training."
@@ -336,6 +357,8 @@ def reproduce(out, preset: str = 'tiny', data=None, seeds: int = None, experimen
     runs['teacher'] = str(stage_pretrain(st, c, prep, 'teacher', 'teacher', free=free))
     runs['MoCo v2'] = str(stage_pretrain(st, c, prep, 'moco', 'moco'))
     runs['Ours'] = str(stage_pretrain(st, c, prep, 'ours', 'distill', teacher=runs['teacher']))
+    for name, method in BASELINES.items():
+        if name in methods: runs[name] = str(stage_pretrain(st, c, prep, method, method))
     if 'Initialization' in methods:
         runs['Initialization'] = str(stage_pretrain(st, c, prep, 'init', 'moco', init=runs['teacher']))
     for v in ('none', 'head', 'backbone', 'both'):
@@ -343,9 +366,9 @@ def reproduce(out, preset: str = 'tiny', data=None, seeds: int = None, experimen
             t = stage_pretrain(st, c, prep, f'teacher-{v}', 'teacher', free=free, variant=v)
             runs[f'Teacher: {v}'] = str(stage_pretrain(st, c, prep, f'ours-{v}', 'distill', teacher=str(t)))
     fractions = c['fractions'] if 'fig3' in c['experiments'] else (1.0,)
-    units = [(m, fr, s) for m in methods for fr in (fractions if m in MAIN else (1.0,)) for s in range(c['seeds'])]
+    units = [(m, fr, s) for m in methods for fr in (fractions if m in FRACTION_ROWS else (1.0,)) for s in range(c['seeds'])]
     results = run_downstream(st, c, prep, {m: method_backbone(m, c, runs) for m in methods}, units)
-    knn = json.loads((st('knn', lambda d: _knn_stage(d, c, prep, runs), dict(runs=runs, size=c['size']))/'knn.json').read_text())
+    knn = _knn_stages(st, c, prep, runs)
     res = dict(kind='freelunch-reproduce-metrics', version=1, preset=preset, config=c, free_model=free_about,
                runs=runs, prepared=str(prep), results=results, stages=st.log, knn=knn, wall=st.wall,
                wall_s=round(time.perf_counter() - t0, 1), peak_rss_mib=_peak_mib(),
@@ -405,7 +428,8 @@ def _fmt(p: dict) -> str:
            (f"{p['mean']:+.1f}, n={p['n']} (one seed: no interval)" if p else 'no pairs')
 
 PAIRS = (('Ours', 'MoCo v2'), ('MoCo v2', 'Free model'), ('Free model', 'Scratch'), ('MoCo v2', 'Scratch'),
-         ('Ours', 'Scratch'), ('Ours', 'Free model'), ('Teacher', 'Free model'))
+         ('Ours', 'Scratch'), ('Ours', 'Free model'), ('Teacher', 'Free model'),
+         ('MoCo v2', 'SwAV'), ('MoCo v2', 'SimSiam'), ('SwAV', 'SimSiam'), ('Ours', 'SwAV'), ('Ours', 'SimSiam'))
 
 def differences(results: list, score: str = 'strict.accuracy') -> dict:
     "Paired differences of `PAIRS` at every label fraction: {'A − B': {fraction: paired(...)}}."
@@ -438,6 +462,10 @@ def findings(results: list, score: str = 'strict.accuracy') -> list:
         out.append(("the gain of Ours over MoCo v2 grows as labels shrink", v,
                     f"gain at {100 * lo_f:g} %: {_fmt(g_lo)}; at {100 * hi_f:g} %: {_fmt(g_hi)}; "
                     f"growth ({100 * lo_f:g} % − {100 * hi_f:g} %): {_fmt(grow)}"))
+    for a, b in (('MoCo v2', 'SwAV'), ('SwAV', 'SimSiam'), ('Ours', 'SwAV'), ('Ours', 'SimSiam')):   # Table 1's SSL rows
+        if a in have and b in have:
+            p = paired(results, a, b, 1.0, score)
+            out.append((f"{a} > {b} (100 % labels, Table 1)", verdict(p), _fmt(p)))
     t2 = [x for x in ('Addition', 'Concatenation', 'Initialization') if x in have]
     if t2 and 'Ours' in have:
         for x in t2:
@@ -461,6 +489,7 @@ def _growth(results, lo_f, hi_f, score):
 # %% ../nbs/13_pipeline.ipynb #58d10137
 PAPER = {   # Cholec80 Acc / Prec / Rec / Jacc (Table 1), Acc (Tables 2 and 3)
     'Scratch': (65.0, 67.7, 53.0, 40.7), 'Free model': (83.1, 64.7, 82.3, 77.8), 'MoCo v2': (85.7, 72.0, 85.4, 84.9),
+    'SwAV': (84.7, 71.6, 84.9, 84.2), 'SimSiam': (83.9, 68.5, 84.5, 82.6),
     'Ours': (87.3, 73.5, 85.1, 86.1), 'Addition': (84.0,), 'Concatenation': (84.2,), 'Initialization': (85.5,),
     'Teacher: none': (84.7,), 'Teacher: head': (87.3,), 'Teacher: backbone': (86.1,), 'Teacher: both': (85.2,)}
 
@@ -487,7 +516,7 @@ def _figures(out: Path, res: dict) -> dict:
     from freelunch import viz
     figs, c, results = {}, res['config'], res['results']
     df = results_frame(results)
-    main = df[df.method.isin(MAIN)]
+    main = df[df.method.isin(FRACTION_ROWS)]
     if main.fraction.nunique() > 1:
         fig, axs = plt.subplots(1, 2, figsize=(10, 3.4))
         viz.plot_label_fractions(main.rename(columns={'strict.accuracy': 'accuracy'}), 'accuracy', ax=axs[0],
@@ -508,7 +537,7 @@ def _figures(out: Path, res: dict) -> dict:
     fig, ax = plt.subplots(figsize=(9, 0.35 * len(folders) + 0.8))
     viz.ribbons_from_folders(folders, video, fps=c['features_fps'], dataset=_dataset(res['prepared']), ax=ax)
     figs['ribbons'] = viz.fig_to_data_uri(fig)
-    curves = {k: res['runs'][k] for k in ('MoCo v2', 'Ours') if Path(res['runs'][k]).is_dir()}
+    curves = {k: res['runs'][k] for k in ('MoCo v2', 'Ours', *BASELINES) if k in res['runs'] and Path(res['runs'][k]).is_dir()}
     curves['teacher'] = res['runs']['teacher']
     axs = viz.plot_runs(curves); figs['curves'] = viz.fig_to_data_uri(axs[0].figure)
     try: figs['similarity'] = _similarity_figure(res)
@@ -581,8 +610,9 @@ def write_report(out) -> Path:
            if few and few != 'holds' else '')
     img = lambda k, alt: f'<img src="{figs[k]}" alt="{alt}">' if k in figs else ''
     stages = ''.join(f"<tr><th>{s['stage']}</th><td>{s['seconds']:.0f} s</td><td>{'reused' if s['skipped'] else ''}</td></tr>"
-                     for s in res['stages'] if not s['stage'].startswith('downstream/') and not
+                     for s in res['stages'] if not s['stage'].startswith(('downstream/', 'knn/')) and not
                      (s['stage'].startswith('features/') and s['skipped']))
+    knn_s = sum(s['seconds'] for s in res['stages'] if s['stage'].startswith('knn/'))
     down = res.get('wall', {}).get('downstream') or sum(s['seconds'] for s in res['stages'] if s['stage'].startswith('downstream/'))
     epochs = ', '.join(f"{k} {c[k]['epochs']} epochs" for k in ('teacher', 'moco', 'distill'))
     data = c['data'] or f"SynthCholec ({c['synth']['videos']} videos, about {c['synth']['minutes']:g} min each)"
@@ -606,7 +636,8 @@ only the orderings can be compared, not the values.</p>{why}
 <h2>Phase ribbons of one test video</h2>{img('ribbons', 'ribbons')}
 <h2>Similarity rows: teacher and student</h2>{img('similarity', 'similarity') or html.escape(figs.get('similarity_error', ''))}
 <h2>Training curves</h2>{img('curves', 'curves')}
-<h2>Stages</h2><table>{stages}<tr><th>downstream (all fractions and seeds, wall time)</th><td>{down:.0f} s</td><td></td></tr></table>"""
+<h2>Stages</h2><table>{stages}<tr><th>downstream (all fractions and seeds, wall time)</th><td>{down:.0f} s</td><td></td></tr>
+<tr><th>kNN of every model's features</th><td>{knn_s:.0f} s</td><td></td></tr></table>"""
     with atomic_write(out/'report.html') as f:
         f.write(f'<!doctype html><html><head><meta charset="utf-8"><title>freelunch report</title><style>{_CSS}</style>'
                 f'</head><body>{body}</body></html>')
@@ -647,7 +678,7 @@ def add_cli(sub, parsers):
     "Add the `reproduce` and `report` subcommands to the `freelunch` command."
     s = sub.add_parser('reproduce', help="the paper end to end: data, free model, teacher, MoCo v2, distillation, "
                        "label fractions, MS-TCN, metrics, report (resumable)")
-    s.add_argument('--out', required=True, help='run folder (new, or a run of the same settings to resume)')
+    s.add_argument('--out', required=True, help='run folder: new, a run of the same settings to resume, or one to extend with more --experiments or --seeds')
     s.add_argument('--preset', default='tiny', choices=list(PRESETS),
                    help='smoke: plumbing in minutes; tiny: the main job (default); paper: real Cholec80 on GPUs')
     s.add_argument('--data', help='raw Cholec80 or M2CAI16 folder (default: SynthCholec, generated)')

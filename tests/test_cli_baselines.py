@@ -129,3 +129,29 @@ def test_swav_under_ddp_two_processes_gloo(prep, tmp_path):
     ck = _ck(run)
     assert ck['step'] == 60 // 16 and tuple(ck['model']['queue'].shape) == (2, 16, 16)   # each process: half the queue
     assert read_metrics(run).knn_top1.notna().all()
+
+def test_reproduce_baselines_rows_in_the_tables_the_findings_and_the_report(tmp_path, capsys):
+    "A finished `reproduce` run extended with `--experiments baselines` trains SimSiam and SwAV beside MoCo v2 and Ours (every stage done is reused), scores them the same way and reports them."
+    out = tmp_path/'run'
+    code, _, err = fl('reproduce', '--preset', 'smoke', '--experiments', 'table1', '--seeds', 2, '--quiet', '--no-report',
+                      '--out', out, capsys=capsys)
+    assert code == 0, err
+    assert 'SimSiam' not in json.loads((out/'metrics.json').read_text())['tables']
+    code, printed, err = fl('reproduce', '--preset', 'smoke', '--experiments', 'table1,baselines', '--seeds', 2, '--quiet',
+                            '--out', out, capsys=capsys)
+    assert code == 0, err
+    res = json.loads((out/'metrics.json').read_text())
+    assert list(res['tables']) == ['Scratch', 'Free model', 'Teacher', 'MoCo v2', 'Ours', 'SimSiam', 'SwAV']
+    done = {s['stage']: s['skipped'] for s in res['stages']}
+    assert done['models/moco'] and done['models/ours'] and done['knn/MoCo_v2'] and done['downstream/Ours/f1_s1/tcn']
+    assert not done['models/simsiam'] and not done['models/swav'] and not done['knn/SimSiam']
+    for m, kind in (('SimSiam', 'simsiam'), ('SwAV', 'swav')):
+        cfg = json.loads((Path(res['runs'][m])/'config.json').read_text())
+        assert cfg['method'] == kind and cfg['epochs'] == 3 and cfg['arch'] == 'tiny' and cfg['size'] == 32
+        assert res['tables'][m]['1']['seeds'] == 2 and m in res['knn']
+    claims = [c for c in printed.splitlines() if 'Table 1)' in c]
+    assert len(claims) == 4 and any('MoCo v2 > SwAV' in c for c in claims), printed
+    html = (out/'report.html').read_text()
+    assert html.count('<th>SimSiam</th>') >= 2 and 'SwAV − SimSiam' in html and 'alt="UMAP"' in html
+    code, _, err = fl('reproduce', '--preset', 'tiny', '--experiments', 'baselines', '--quiet', '--out', out, capsys=capsys)
+    assert code == 2 and 'other settings' in err and 'Traceback' not in err, err
