@@ -36,3 +36,29 @@ def cache_folder_stays():
     after = os.environ.get('FREELUNCH_HOME')
     os.environ['FREELUNCH_HOME'] = before
     assert after == before, f"FREELUNCH_HOME was {before!r} before the test and {after!r} after it"
+
+def fl(*args, capsys=None):
+    "Run `freelunch ARGS` in this process; (exit code, stdout, stderr)."
+    from freelunch.cli import main
+    try: main([str(a) for a in args]); code = 0
+    except SystemExit as e: code = e.code
+    out = capsys.readouterr() if capsys else None
+    return code, (out.out if out else ''), (out.err if out else '')
+
+def make_prep(d: Path) -> Path:
+    "Three 6-second videos (two for training, one held out) prepared at 5 fps and 32 px under `d`: 60 training frames."
+    import numpy as np
+    from freelunch.data import write_test_video, write_phase_file, prepare
+    for i in (1, 2, 41):
+        write_test_video(d/'raw'/'videos'/f'video{i:02d}.mp4', n_frames=150, width=64, height=48, seed=i)
+        write_phase_file(d/'raw'/'phase_annotations'/f'video{i:02d}-phase.txt', np.arange(150) // 40)
+    prepare(d/'raw', d/'prep', fps=5, size=32, workers=1)
+    return d/'prep'
+
+def torchrun(script: Path, *args, timeout: int = 300):
+    "Run `script ARGS` in two CPU processes under torchrun (one thread each); the completed process, checked."
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                        str(script), *map(str, args)], capture_output=True, text=True, env=env, timeout=timeout)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r

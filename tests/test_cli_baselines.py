@@ -1,34 +1,20 @@
 "SimSiam and SwAV from the command line: they train, resume bit for bit, keep SwAV's prototypes frozen then on the sphere, run under DDP, and refuse bad input."
-import json, os, subprocess, sys
+import json
 from pathlib import Path
-import numpy as np
 import pytest
 import torch
-from freelunch.cli import main
-from freelunch.data import write_test_video, write_phase_file, prepare
 from freelunch.train import load_checkpoint, load_moco, read_metrics
+from conftest import make_prep, fl, torchrun
 
 TINY = ['--arch', 'tiny', '--size', '32', '--batch', '8', '--workers', '0']
 SIMSIAM = ['--method', 'simsiam', '--proj-dim', '64', '--pred-dim', '16']
 SWAV = ['--method', 'swav', '--prototypes', '8', '--queue', '16', '--small-crops', '2', '--small-size', '16',
         '--proj-dim', '16', '--hidden-dim', '32', '--freeze-prototypes', '1', '--queue-start', '0.5']
 
-def fl(*args, capsys=None):
-    "Run `freelunch ARGS` in this process; (exit code, stdout, stderr)."
-    try: main([str(a) for a in args]); code = 0
-    except SystemExit as e: code = e.code
-    out = capsys.readouterr() if capsys else None
-    return code, (out.out if out else ''), (out.err if out else '')
-
 @pytest.fixture(scope='module')
 def prep(tmp_path_factory):
     "Three 6-second videos (two for training, one held out) at 5 fps and 32 px: 60 training frames."
-    d = tmp_path_factory.mktemp('baselines')
-    for i in (1, 2, 41):
-        write_test_video(d/'raw'/'videos'/f'video{i:02d}.mp4', n_frames=150, width=64, height=48, seed=i)
-        write_phase_file(d/'raw'/'phase_annotations'/f'video{i:02d}-phase.txt', np.arange(150) // 40)
-    prepare(d/'raw', d/'prep', fps=5, size=32, workers=1)
-    return d/'prep'
+    return make_prep(tmp_path_factory.mktemp('baselines'))
 
 def _ck(run): return load_checkpoint(Path(run)/'checkpoints'/'last.pt')
 
@@ -116,10 +102,7 @@ def test_swav_under_ddp_two_processes_gloo(prep, tmp_path):
     from freelunch.baselines import sinkhorn
     script, run = tmp_path/'ddp.py', tmp_path/'run'
     script.write_text(DDP_SCRIPT)
-    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
-    r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-                        str(script), str(prep), str(run), str(tmp_path)], capture_output=True, text=True, env=env, timeout=900)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    torchrun(script, prep, run, tmp_path, timeout=900)
     halves = [torch.tensor(json.loads((tmp_path/f'rank{i}.json').read_text())['mine']) for i in (0, 1)]
     torch.manual_seed(0)
     whole = sinkhorn(torch.rand(12, 5) * 2 - 1, 0.05, 3)             # one process, the whole batch

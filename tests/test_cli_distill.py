@@ -1,32 +1,19 @@
 "The free lunch from the command line: offline free model, teacher (ordinary and fast), distillation, exact resume, and the errors a user sees."
-import json, os, pickle
+import json, os
 from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from freelunch.cli import main
-from freelunch.data import write_test_video, write_phase_file, prepare
 from freelunch.train import load_checkpoint, load_moco, read_metrics
 from freelunch.zoo import generic_run, load_backbone
+from conftest import make_prep, fl
 
 TINY = ['--size', '32', '--batch', '8', '--queue', '32', '--workers', '0']
-
-def fl(*args, capsys=None):
-    "Run `freelunch ARGS` in this process; (exit code, stdout, stderr)."
-    try: main([str(a) for a in args]); code = 0
-    except SystemExit as e: code = e.code
-    out = capsys.readouterr() if capsys else None
-    return code, (out.out if out else ''), (out.err if out else '')
 
 @pytest.fixture(scope='module')
 def prep(tmp_path_factory):
     "Three 6-second videos (two for training, one held out) at 5 fps and 32 px: 60 training frames."
-    d = tmp_path_factory.mktemp('distill')
-    for i in (1, 2, 41):
-        write_test_video(d/'raw'/'videos'/f'video{i:02d}.mp4', n_frames=150, width=64, height=48, seed=i)
-        write_phase_file(d/'raw'/'phase_annotations'/f'video{i:02d}-phase.txt', np.arange(150) // 40)
-    prepare(d/'raw', d/'prep', fps=5, size=32, workers=1)
-    return d/'prep'
+    return make_prep(tmp_path_factory.mktemp('distill'))
 
 @pytest.fixture(scope='module', autouse=True)
 def own_home(tmp_path_factory):

@@ -1,25 +1,18 @@
 "MoCo pretraining: exact resume after SIGKILL, two processes with DDP (gloo) on the CPU, and a NaN loss that stops the run."
-import json, os, random, signal, subprocess, sys, time
-from pathlib import Path
-import numpy as np
+import json, random, signal, subprocess, sys, time
 import pytest
 import torch
 import torch.nn as nn
-from freelunch.data import write_test_video, write_phase_file, prepare
 from freelunch.moco import tiny_convnet
 from freelunch.train import pretrain, load_checkpoint, read_metrics, TrainingDiverged
+from conftest import make_prep, torchrun
 
 TINY = dict(arch='tiny', size=32, epochs=3, batch=8, workers=0, ckpt_every=1, seed=0, quiet=True, knn_frames=50)
 
 @pytest.fixture(scope='module')
 def prep(tmp_path_factory):
     "Three 6-second videos (two for training, one held out) at 5 fps and 32 px: 60 training frames."
-    d = tmp_path_factory.mktemp('train')
-    for i in (1, 2, 41):
-        write_test_video(d/'raw'/'videos'/f'video{i:02d}.mp4', n_frames=150, width=64, height=48, seed=i)
-        write_phase_file(d/'raw'/'phase_annotations'/f'video{i:02d}-phase.txt', np.arange(150) // 40)
-    prepare(d/'raw', d/'prep', fps=5, size=32, workers=1)
-    return d/'prep'
+    return make_prep(tmp_path_factory.mktemp('train'))
 
 def _start(prep, run, resume=False, log=None):
     code = f"from freelunch.train import pretrain; pretrain({str(prep)!r}, {str(run)!r}, resume={resume}, **{TINY!r})"
@@ -111,10 +104,7 @@ def test_ddp_two_processes_gloo(prep, tmp_path):
     "Two CPU processes under torchrun: gathering, shuffle-BN, a global queue, and only rank 0 writes the run."
     script, run = tmp_path/'ddp.py', tmp_path/'run'
     script.write_text(DDP_SCRIPT)
-    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
-    r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-                        str(script), str(prep), str(run), str(tmp_path)], capture_output=True, text=True, env=env, timeout=300)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    torchrun(script, prep, run, tmp_path, timeout=300)
     res = [json.loads((tmp_path/f'rank{i}.json').read_text()) for i in (0, 1)]
     for x in res:
         assert x['world'] == 2 and x['gather'] == [0, 0, 0, 1, 1, 1]
