@@ -267,6 +267,7 @@ def swav_defaults(n: int, batch: int, dim: int = 128) -> dict:
 class SwAVMethod(Method):
     "`pretrain` method 'swav': multi-crop, prototypes, codes by Sinkhorn-Knopp, swapped prediction, a queue for small batches."
     name = 'swav'
+    resume_keys = ('world_size',)       # each process keeps queue / world_size of the queue: it resumes with as many
     options = dict(prototypes=None,     # K (default: swav_defaults: n/10, at least 2 × proj_dim, at most 3000)
                    proj_dim=128,        # embedding size
                    hidden_dim=2048,     # hidden width of the projector

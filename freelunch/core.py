@@ -11,7 +11,7 @@ import torch
 
 # %% auto #0
 __all__ = ['TMP_SUFFIX', 'FreelunchError', 'DataError', 'in_test', 'test_size', 'freelunch_home', 'cache_dir', 'atomic_write',
-           'atomic_path', 'seed_everything', 'default_device', 'progress']
+           'atomic_path', 'seed_everything', 'default_device', 'progress', 'no_progress']
 
 # %% ../nbs/00_core.ipynb #e763d448
 class FreelunchError(Exception):
@@ -82,11 +82,21 @@ def default_device() -> torch.device:
     return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
 
 # %% ../nbs/00_core.ipynb #40286a40
+_QUIET = []
 def progress(it=None, **kwargs):
-    "A `tqdm` progress bar: a widget in notebooks, plain text in terminals and tests."
+    "A `tqdm` progress bar: a widget in notebooks, plain text in terminals and tests; none inside `no_progress()`."
     if in_test() or not _in_notebook(): from tqdm import tqdm
     else: from tqdm.auto import tqdm
+    if _QUIET: kwargs['disable'] = True
     return tqdm(it, **kwargs)
+
+@contextlib.contextmanager
+def no_progress(on: bool = True):
+    "Inside this block (when `on`), `progress` draws no bars: for quiet runs of code that draws its own."
+    if on: _QUIET.append(1)
+    try: yield
+    finally:
+        if on: _QUIET.pop()
 
 def _in_notebook():
     try:

@@ -115,7 +115,8 @@ class Stages:
             self.log.append(dict(stage=name, seconds=old['seconds'], skipped=True))
             return d
         if not self.quiet: print(f"── {name}")
-        t = time.perf_counter(); fn(d)
+        t = time.perf_counter()
+        with no_progress(self.quiet): fn(d)            # quiet: no bars from inside the stage either
         secs = round(time.perf_counter() - t, 1)
         with atomic_write(mark) as f: json.dump(dict(settings=settings, seconds=secs), f, indent=1)
         self.log.append(dict(stage=name, seconds=secs, skipped=False))

@@ -165,6 +165,7 @@ class Method:
     name = 'moco'
     options = dict(init=None)      # init: a backbone (run folder, file or public model) that θ_q and θ_k start from
     base_lr = 0.03                 # learning rate per 256 images (MoCo v2's): the default lr is base_lr × batch / 256
+    resume_keys = ()               # settings beside TRAIN_KEYS and the options that a resumed run must share
 
     def __init__(self, **opts):
         bad = sorted(set(opts) - set(self.options))
@@ -322,7 +323,7 @@ def _setup(prep, run, method, opts, arch, size, epochs, batch, queue, lr, m, tau
     cfg['bn_splits'] = cfg['bn_splits'] or (2 if world == 1 else 1)
     if (batch // world) % cfg['bn_splits']:
         raise FreelunchError(f"The batch per process ({batch // world}) must be a multiple of bn_splits={cfg['bn_splits']}.")
-    if rank == 0: _check_run(run, cfg, resume, TRAIN_KEYS + tuple(cls.options))
+    if rank == 0: _check_run(run, cfg, resume, TRAIN_KEYS + tuple(cls.options) + tuple(cls.resume_keys))
     if world > 1: dist.barrier()
     seed_everything(seed)
     model = meth.build(cfg, arch() if callable(arch) else None)

@@ -119,6 +119,7 @@ def test_reproduce_baselines_rows_in_the_tables_the_findings_and_the_report(tmp_
     code, _, err = fl('reproduce', '--preset', 'smoke', '--experiments', 'table1', '--seeds', 2, '--quiet', '--no-report',
                       '--out', out, capsys=capsys)
     assert code == 0, err
+    assert '%|' not in err, err[-500:]                                     # --quiet: no progress bar from any stage
     assert 'SimSiam' not in json.loads((out/'metrics.json').read_text())['tables']
     code, printed, err = fl('reproduce', '--preset', 'smoke', '--experiments', 'table1,baselines', '--seeds', 2, '--quiet',
                             '--out', out, capsys=capsys)
@@ -138,3 +139,12 @@ def test_reproduce_baselines_rows_in_the_tables_the_findings_and_the_report(tmp_
     assert html.count('<th>SimSiam</th>') >= 2 and 'SwAV − SimSiam' in html and 'alt="UMAP"' in html
     code, _, err = fl('reproduce', '--preset', 'tiny', '--experiments', 'baselines', '--quiet', '--out', out, capsys=capsys)
     assert code == 2 and 'other settings' in err and 'Traceback' not in err, err
+
+def test_swav_refuses_to_resume_with_another_number_of_processes(prep, tmp_path, capsys):
+    "Each process holds queue / world_size of SwAV's queue: a run started on two processes does not resume on one."
+    run = tmp_path/'r'
+    assert fl('pretrain', prep, run, *SWAV, *TINY, '--epochs', 1)[0] == 0
+    cfg = json.loads((run/'config.json').read_text()); cfg['world_size'] = 2
+    (run/'config.json').write_text(json.dumps(cfg))                   # as if it had been started under torchrun
+    code, _, err = fl('pretrain', prep, run, *SWAV, *TINY, '--epochs', 1, '--resume', capsys=capsys)
+    assert code == 2 and 'world_size: 2 now 1' in err and 'Traceback' not in err, err
