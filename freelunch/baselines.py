@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import torch.distributed as dist
 from .core import *
 from .augment import moco_v2_transform
-from .moco import Encoder, backbone, feature_dim, encode_in_splits, is_dist
+from .moco import Encoder, backbone, feature_dim, is_dist
 from .train import Method, METHODS, SeededItems, resolve_spec, sgd
 
 # %% auto #0
@@ -67,12 +67,11 @@ class SimSiam(nn.Module):
         return Encoder(self.backbone, self.projector)
 
     def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> tuple:
-        "(L, logs) for two views of a batch; logs: the collapse check on z1, p1 and the features f(x1). One pass over both views, BatchNorm per view."
-        h = encode_in_splits(self.backbone, torch.cat([x1, x2]), 2)          # BatchNorm sees each view alone
-        z = encode_in_splits(self.projector, h, 2)                            # z1, z2
-        p = encode_in_splits(self.predictor, z, 2)                            # p1, p2
-        (z1, z2), (p1, p2) = z.chunk(2), p.chunk(2)
-        logs = dict(z_std=output_std(z1).detach(), p_std=output_std(p1).detach(), f_std=output_std(h[:len(x1)]).detach())
+        "(L, logs) for two views of a batch; logs: the collapse check on z1, p1 and the features f(x1). One pass per view: BatchNorm sees each view alone."
+        h1, h2 = self.backbone(x1), self.backbone(x2)
+        z1, z2 = self.projector(h1), self.projector(h2)
+        p1, p2 = self.predictor(z1), self.predictor(z2)
+        logs = dict(z_std=output_std(z1).detach(), p_std=output_std(p1).detach(), f_std=output_std(h1).detach())
         return simsiam_loss(p1, p2, z1, z2, self.stop_grad), logs
 
 # %% ../nbs/08a_baselines.ipynb #5e6fccec
@@ -459,7 +458,7 @@ def bench_simsiam(sizes=(64, 112), batch: int = 64, steps: int = 10, arch: str =
     res.update(arch=arch, batch=batch, steps=steps, dim=dim, pred_dim=pred_dim, sizes={},
                note=('img_s = frames (pairs of views) per second; step times are the best of interleaved repetitions '
                      '(medians beside); speedup = the median over rounds of lightly\'s step time / ours in the same round; '
-                     'ours: one backbone pass over both views with BatchNorm per view, channels-last; lightly = its '
+                     'ours: one backbone pass per view, channels-last; lightly = its '
                      'SimSiam example (one pass per view, contiguous tensors), lightly_cl = the same channels-last'))
     for size in sizes:
         torch.manual_seed(0)
