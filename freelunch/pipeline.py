@@ -443,10 +443,11 @@ def findings(results: list, score: str = 'strict.accuracy') -> list:
     "The paper's claims checked on paired differences over seeds: (claim, verdict, detail) triples."
     out, have = [], {r['method'] for r in results}
     frs = sorted({r['fraction'] for r in results if r['method'] == 'Ours'})
-    for a, b in (('Ours', 'MoCo v2'), ('MoCo v2', 'Free model'), ('Free model', 'Scratch')):
+    def better(a, b, claim):                                  # "a > b" on full labels, when both were run
         if a in have and b in have:
-            p = paired(results, a, b, 1.0, score)
-            out.append((f"{a} > {b} (100 % labels)", verdict(p), _fmt(p)))
+            p = paired(results, a, b, 1.0, score); out.append((claim, verdict(p), _fmt(p)))
+    for a, b in (('Ours', 'MoCo v2'), ('MoCo v2', 'Free model'), ('Free model', 'Scratch')):
+        better(a, b, f"{a} > {b} (100 % labels)")
     few = [f for f in (0.1, 0.25) if f in frs]
     if few and {'Ours', 'MoCo v2'} <= have:
         ps = {f: paired(results, 'Ours', 'MoCo v2', f, score) for f in few}
@@ -464,19 +465,11 @@ def findings(results: list, score: str = 'strict.accuracy') -> list:
                     f"gain at {100 * lo_f:g} %: {_fmt(g_lo)}; at {100 * hi_f:g} %: {_fmt(g_hi)}; "
                     f"growth ({100 * lo_f:g} % − {100 * hi_f:g} %): {_fmt(grow)}"))
     for a, b in (('MoCo v2', 'SwAV'), ('SwAV', 'SimSiam'), ('Ours', 'SwAV'), ('Ours', 'SimSiam')):   # Table 1's SSL rows
-        if a in have and b in have:
-            p = paired(results, a, b, 1.0, score)
-            out.append((f"{a} > {b} (100 % labels, Table 1)", verdict(p), _fmt(p)))
-    t2 = [x for x in ('Addition', 'Concatenation', 'Initialization') if x in have]
-    if t2 and 'Ours' in have:
-        for x in t2:
-            p = paired(results, 'Ours', x, 1.0, score)
-            out.append((f"distillation beats {x} (Table 2)", verdict(p), _fmt(p)))
-    t3 = [v for v in ('none', 'backbone', 'both') if f'Teacher: {v}' in have]
-    if t3 and 'Teacher: head' in have:
-        for v in t3:
-            p = paired(results, 'Teacher: head', f'Teacher: {v}', 1.0, score)
-            out.append((f"the head-only teacher beats the {v!r} variant (Table 3)", verdict(p), _fmt(p)))
+        better(a, b, f"{a} > {b} (100 % labels, Table 1)")
+    for x in ('Addition', 'Concatenation', 'Initialization'):
+        better('Ours', x, f"distillation beats {x} (Table 2)")
+    for v in ('none', 'backbone', 'both'):
+        better('Teacher: head', f'Teacher: {v}', f"the head-only teacher beats the {v!r} variant (Table 3)")
     return out
 
 def _growth(results, lo_f, hi_f, score):
