@@ -87,7 +87,7 @@ def format_summary(s: dict) -> str:
     return '\n'.join(lines)
 
 # %% ../nbs/14_cli.ipynb #20827520
-CHAPTERS = ('freelunch.zoo', 'freelunch.distill', 'freelunch.baselines', 'freelunch.finetune', 'freelunch.tcn',
+CHAPTERS = ('freelunch.zoo', 'freelunch.distill', 'freelunch.baselines', 'freelunch.msn', 'freelunch.finetune', 'freelunch.tcn',
             'freelunch.metrics', 'freelunch.pipeline')
 
 def _chapters() -> list:
@@ -120,13 +120,14 @@ def _parser():
     s.set_defaults(fn=cmd_prepare)
     s = sub.add_parser('pretrain', help='self-supervised pretraining on the training frames of a prepared folder')
     s.add_argument('prep', help='prepared folder (from `freelunch prepare`)'); s.add_argument('run', help='run folder (checkpoints, metrics, config)')
-    s.add_argument('--method', default='moco', help='pretraining method: moco (default), teacher, distill, simsiam or swav')
-    s.add_argument('--arch', help='backbone: resnet18 (default), resnet50 or tiny')
+    s.add_argument('--method', default='moco', help='pretraining method: moco (default), teacher, distill, simsiam, swav or msn')
+    s.add_argument('--arch', help='backbone: resnet18 (default), resnet50, tiny, or a ViT for msn (vit-tiny, its default; vit-small)')
     s.add_argument('--size', type=int, help='side of the augmented views in pixels (default 112)')
     s.add_argument('--epochs', type=int); s.add_argument('--batch', type=int, help='global batch size (default 64)')
     s.add_argument('--queue', type=int, help='K, the number of keys in the queue (a multiple of the batch)')
     s.add_argument('--lr', type=float, help='learning rate (default 0.03 x batch/256)')
     s.add_argument('--tau', type=float, help='temperature (default 0.2)')
+    s.add_argument('--wd', type=float, help="weight decay (default: the method's; 1e-4, MSN 0.04)")
     s.add_argument('--seed', type=int); s.add_argument('--workers', type=int, help='data-loader processes')
     s.add_argument('--ckpt-every', type=int, help='steps between checkpoints (default: each epoch)')
     s.add_argument('--max-steps', type=int, help='stop after this many steps (a checkpoint is kept)')

@@ -18,7 +18,8 @@ __all__ = ['ARCHS', 'tiny_convnet', 'backbone', 'feature_dim', 'mlp_head', 'Enco
            'batch_unshuffle', 'bn_in_chunks', 'encode_in_splits', 'MoCo']
 
 # %% ../nbs/04_moco.ipynb #ca1fd127
-ARCHS = ('resnet18', 'resnet34', 'resnet50', 'tiny', 'efficientnet_lite0')
+ARCHS = ('resnet18', 'resnet34', 'resnet50', 'tiny', 'efficientnet_lite0',
+         'vit-tiny', 'vit-small', 'vit-tiny-p16', 'vit-small-p16')   # the ViTs: Chapter 8b's, for MSN
 
 def tiny_convnet(width: int = 32) -> nn.Module:
     "A small ConvNet with BatchNorm (4 conv layers, global pooling), for tests and demos on a CPU."
@@ -29,9 +30,12 @@ def tiny_convnet(width: int = 32) -> nn.Module:
     return net
 
 def backbone(arch: str = 'resnet18', weights=None) -> nn.Module:
-    "The feature extractor `f` (torchvision ResNet without `fc`, EfficientNet-Lite0, or 'tiny'); its `out_dim` is the feature size."
+    "The feature extractor `f` (torchvision ResNet without `fc`, EfficientNet-Lite0, 'tiny', or a small ViT); its `out_dim` is the feature size."
     if arch == 'tiny': return tiny_convnet()
     if arch not in ARCHS: raise FreelunchError(f"Unknown architecture {arch!r}: choose one of {', '.join(ARCHS)}.")
+    if arch.startswith('vit-'):                         # the small ViTs of Chapter 8b (MSN)
+        from freelunch.msn import vit
+        return vit(arch)
     if arch.startswith('efficientnet_lite'):           # the ImageNet free model of Chapter 6, built with timm
         from freelunch.zoo import efficientnet_lite
         return efficientnet_lite(arch)

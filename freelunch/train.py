@@ -166,6 +166,7 @@ class Method:
     options = dict(init=None)      # init: a backbone (run folder, file or public model) that θ_q and θ_k start from
     base_lr = 0.03                 # learning rate per 256 images (MoCo v2's): the default lr is base_lr × batch / 256
     resume_keys = ()               # settings beside TRAIN_KEYS and the options that a resumed run must share
+    default_wd = 1e-4              # weight decay when none is given (SGD's, as MoCo v2)
 
     def __init__(self, **opts):
         bad = sorted(set(opts) - set(self.options))
@@ -179,6 +180,10 @@ class Method:
         queue = queue or default_queue(n, batch)
         check_queue(queue, batch)
         return queue
+
+    def default_lr(self, batch: int) -> float:
+        "The learning rate when none is given: `base_lr` per 256 images, scaled to the global `batch`."
+        return scaled_lr(batch, self.base_lr)
 
     def configure(self, cfg: dict) -> dict:
         "This method's settings for config.json (JSON values), given the common ones in `cfg`."
@@ -194,6 +199,17 @@ class Method:
         if cfg.get('init'):
             from freelunch.zoo import load_backbone
             init_backbone(model, load_backbone(cfg['init'], arch=cfg['arch']))
+
+    def optimizer(self, model: nn.Module, cfg: dict):
+        "The run's optimiser, or None when nothing trains: here SGD with momentum (cfg's lr, momentum, wd)."
+        if not any(p.requires_grad for p in model.parameters()): return None
+        return sgd(model, cfg['lr'], cfg['momentum'], cfg['wd'])
+
+    def schedule(self, opt, step: int, total: int, cfg: dict) -> float:
+        "Set the optimiser's hyperparameters for step `step` of `total`; return the learning rate to log: here half a cosine from lr to 0."
+        cur = cosine_lr(step, total, cfg['lr'])
+        for g in (opt.param_groups if opt else ()): g['lr'] = cur
+        return cur
 
     def views(self, ds, cfg: dict, seed: int, **ctx) -> torch.utils.data.Dataset:
         "The training items ((x_q, x_k), label): two MoCo v2 views of each frame, the same on every replay."
@@ -215,7 +231,7 @@ class Method:
 # %% ../nbs/05_train.ipynb #549982dc
 METHODS = dict(moco=Method)
 METHOD_MODULES = dict(teacher='freelunch.teacher', distill='freelunch.distill', simsiam='freelunch.baselines',
-                      swav='freelunch.baselines')
+                      swav='freelunch.baselines', msn='freelunch.msn')
 
 def get_method(name: str) -> type:
     "The `Method` class registered as `name`, importing the chapter that defines it if needed."
@@ -265,13 +281,14 @@ def _finite(params) -> bool:
 # %% ../nbs/05_train.ipynb #c7d6194e
 def pretrain(prep,                         # prepared folder (its 'train' frames), or a dataset of (uint8 image, label)
              run,                          # run folder: config, checkpoints, metrics
-             method: str = 'moco',            # 'moco', 'teacher' (Ch. 7), 'distill' (Ch. 8), 'simsiam' or 'swav' (Ch. 8a)
+             method: str = 'moco',            # 'moco', 'teacher' (Ch. 7), 'distill' (Ch. 8), 'simsiam', 'swav' (Ch. 8a), 'msn' (Ch. 8b)
              arch=None,                       # 'resnet18' (default), 'resnet50', 'tiny', or a function returning a backbone
              size: int = 112,                 # side of the views in pixels
              epochs: int = 200, batch: int = 64,   # batch: global, over all processes
              queue: int = None,               # MoCo's K (default: 2048, fewer for small sets); SwAV's queue
              lr: float = None,                # default 0.03 × batch/256 (the method's base_lr × batch/256)
-             m: float = 0.999, tau: float = 0.2, dim: int = 128, wd: float = 1e-4, momentum: float = 0.9,
+             m: float = 0.999, tau: float = 0.2, dim: int = 128, momentum: float = 0.9,
+             wd: float = None,                # weight decay (default: the method's; 1e-4 for SGD)
              bn_splits: int = None,           # chunks BatchNorm sees alone: default 2 in one process, 1 under DDP
              resume: bool = False,            # continue from checkpoints/last.pt if there is one
              workers: int = None,             # data-loader processes per rank (default: spare cores on GPU, half the cores on CPU)
@@ -285,7 +302,7 @@ def pretrain(prep,                         # prepared folder (its 'train' frames
              max_steps: int = None,           # stop (with a checkpoint) after this many steps in all
              quiet: bool = False,
              **opts) -> Path:                 # the method's own options (its `options`), e.g. init=RUN for moco
-    "Pretrain a backbone (MoCo v2, a teacher, by distillation, SimSiam or SwAV) on the training frames of `prep`; write config, checkpoints and metrics to `run`."
+    "Pretrain a backbone (MoCo v2, a teacher, by distillation, SimSiam, SwAV or MSN) on the training frames of `prep`; write config, checkpoints and metrics to `run`."
     args = dict(locals())                                   # the settings as given
     device = train_device(device)
     joined = init_distributed(device)                       # under torchrun: join the process group
@@ -312,7 +329,8 @@ def _setup(prep, run, method, opts, arch, size, epochs, batch, queue, lr, m, tau
     meth = cls(**{**{k: old[k] for k in cls.options if old.get(k) is not None}, **opts})   # resuming: options as before
     meth.data = ds
     queue = meth.queue_size(queue if queue is not None else old.get('queue'), n, batch)
-    lr = lr or old.get('lr') or scaled_lr(batch, cls.base_lr)
+    lr = lr or old.get('lr') or meth.default_lr(batch)
+    wd = wd if wd is not None else old.get('wd', meth.default_wd)
     name = arch if arch is None or isinstance(arch, str) else getattr(arch, '__name__', type(arch).__name__)
     cfg = dict(kind='freelunch-pretrain', prep=_data_name(prep), method=method, arch=name or old.get('arch'), size=size,
                epochs=epochs, batch=batch, queue=queue, lr=lr, m=m, tau=tau, dim=dim, wd=wd, momentum=momentum,
@@ -329,7 +347,7 @@ def _setup(prep, run, method, opts, arch, size, epochs, batch, queue, lr, m, tau
     model = meth.build(cfg, arch() if callable(arch) else None)
     if not (resume and (run/'checkpoints'/'last.pt').is_file()): meth.start(model, cfg)   # a new run's first weights
     model = model.to(device, memory_format=torch.channels_last) if channels_last else model.to(device)
-    opt = sgd(model, lr, momentum, wd) if any(p.requires_grad for p in model.parameters()) else None
+    opt = meth.optimizer(model, cfg)                         # SGD, or the method's own (MSN: AdamW)
     return ds, cfg, meth, model, opt
 
 # %% ../nbs/05_train.ipynb #88afbe52
@@ -377,8 +395,7 @@ def _pretrain(prep, run, method, arch, size, epochs, batch, queue, lr, m, tau, d
         sampler.set_epoch(epoch, start)
         t0 = time.perf_counter()
         for xs, _ in dl:                                       # the views of a batch: (x_q, x_k), or SwAV's crops
-            cur = cosine_lr(state['step'], total, lr)
-            for g in (opt.param_groups if opt else ()): g['lr'] = cur   # nothing to train: no optimiser
+            cur = meth.schedule(opt, state['step'], total, cfg)   # the step's lr (and the method's other schedules)
             xs = [_to_device(x, device, channels_last) for x in xs]
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == 'bf16'):
                 loss, logs = meth.loss(net, *xs)                  # MoCo: Eq. 2; distillation: Eq. 7
