@@ -19,9 +19,9 @@ from .moco import MoCo, backbone, infonce_loss, is_dist, encode_in_splits, check
 # %% auto #0
 __all__ = ['METHODS', 'METHOD_MODULES', 'TRAIN_KEYS', 'scaled_lr', 'cosine_lr', 'EpochSampler', 'SeededItems', 'dist_env',
            'init_distributed', 'train_device', 'rng_state', 'set_rng_state', 'save_checkpoint', 'load_checkpoint',
-           'knn_predict', 'embed', 'knn_sets', 'knn_accuracy', 'resolve_spec', 'init_backbone', 'Method', 'get_method',
-           'sgd', 'TrainingDiverged', 'default_queue', 'pretrain', 'read_metrics', 'plot_metrics', 'load_moco',
-           'bench_moco']
+           'knn_predict', 'embed', 'knn_sets', 'knn_accuracy', 'resolve_spec', 'load_init', 'init_backbone', 'Method',
+           'get_method', 'sgd', 'TrainingDiverged', 'default_queue', 'pretrain', 'read_metrics', 'plot_metrics',
+           'load_moco', 'bench_moco']
 
 # %% ../nbs/05_train.ipynb #84f4f831
 def scaled_lr(batch: int, base: float = 0.03, per: int = 256) -> float:
@@ -151,6 +151,17 @@ def resolve_spec(spec):
     p = Path(spec).expanduser()
     return str(p.resolve()) if p.exists() else str(spec)
 
+def load_init(spec, arch: str, hint: str = None) -> nn.Module:
+    "The backbone that `--init` names (run folder, file or public model), refused before any training unless it is a `arch`."
+    from freelunch.zoo import load_backbone
+    p = Path(str(spec)).expanduser()
+    f = load_backbone(spec, arch=None if p.is_dir() else arch)       # a run folder knows its own architecture
+    got = getattr(f, 'arch', None)
+    if got is not None and got != arch:
+        raise FreelunchError(f"--init {spec} is a {got} backbone, but this run trains a {arch}: "
+                             + (hint or f"give --arch {got}, or an --init of architecture {arch}."))
+    return f
+
 def init_backbone(model: MoCo, f: nn.Module):
     "Copy the weights of backbone `f` into θ_q's and θ_k's backbones (parameters and BatchNorm statistics)."
     for enc in (model.encoder_q, model.encoder_k):
@@ -186,7 +197,8 @@ class Method:
         return scaled_lr(batch, self.base_lr)
 
     def configure(self, cfg: dict) -> dict:
-        "This method's settings for config.json (JSON values), given the common ones in `cfg`."
+        "This method's settings for config.json (JSON values), given the common ones in `cfg`; the `init` backbone checked."
+        if self.opts['init']: self.init_f = load_init(self.opts['init'], cfg['arch'] or 'resnet18')
         return dict(init=resolve_spec(self.opts['init']))
 
     def build(self, cfg: dict, f: nn.Module = None) -> nn.Module:
@@ -197,8 +209,7 @@ class Method:
     def start(self, model: nn.Module, cfg: dict):
         "Give a new run its starting weights: the backbone `init`, if any, in θ_q and θ_k."
         if cfg.get('init'):
-            from freelunch.zoo import load_backbone
-            init_backbone(model, load_backbone(cfg['init'], arch=cfg['arch']))
+            init_backbone(model, getattr(self, 'init_f', None) or load_init(cfg['init'], cfg['arch']))
 
     def optimizer(self, model: nn.Module, cfg: dict):
         "The run's optimiser, or None when nothing trains: here SGD with momentum (cfg's lr, momentum, wd)."
