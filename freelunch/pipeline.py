@@ -12,11 +12,12 @@ from .core import *
 from .data import load_index, phase_names, MANIFEST
 
 # %% auto #0
-__all__ = ['PRESETS', 'EXPERIMENTS', 'METHODS', 'MAIN', 'BASELINES', 'FRACTION_ROWS', 'EXTENDABLE', 'SCORES', 'PAIRS', 'PAPER',
-           'experiment_methods', 'preset_config', 'Stages', 'stage_data', 'stage_free', 'stage_pretrain',
-           'method_backbone', 'linear_probe', 'downstream_features', 'downstream', 'relaxed_share', 'run_downstream',
-           'reproduce', 'summarise', 'results_frame', 'paired', 'verdict', 'differences', 'findings', 'write_report',
-           'summary_lines', 'add_cli']
+__all__ = ['PRESETS', 'EXPERIMENTS', 'METHODS', 'MAIN', 'BASELINES', 'FRACTION_ROWS', 'EXTENDABLE', 'SCORES', 'PAIRS',
+           'PROTOCOL_ROWS', 'PROTOCOL_SCORES', 'MATCH_MARGIN', 'PAPER', 'experiment_methods', 'preset_config', 'Stages',
+           'stage_data', 'stage_free', 'stage_pretrain', 'method_backbone', 'linear_probe', 'downstream_features',
+           'downstream', 'relaxed_share', 'run_downstream', 'reproduce', 'summarise', 'results_frame', 'paired',
+           'verdict', 'differences', 'findings', 'protocol_unit', 'run_protocol', 'protocol_tables', 'match_verdict',
+           'protocol_findings', 'write_report', 'summary_lines', 'add_cli']
 
 # %% ../nbs/13_pipeline.ipynb #fb0419db
 PRESETS = {
@@ -47,8 +48,9 @@ PRESETS = {
         fractions=(0.1, 0.25, 0.5, 1.0), seeds=3, experiments=('table1', 'fig3')),
 }
 from .baselines import PRESETS as _BASELINE_PRESETS   # SimSiam's and SwAV's options by preset (Chapter 8a)
-for _name, _preset in PRESETS.items(): _preset.update(copy.deepcopy(_BASELINE_PRESETS[_name]))
-EXPERIMENTS = ('table1', 'fig3', 'table2', 'table3', 'baselines')
+from .msn import PRESETS as _MSN_PRESETS             # MSN's options and its downstream protocol (Chapter 8b)
+for _name, _preset in PRESETS.items(): _preset.update(copy.deepcopy({**_BASELINE_PRESETS[_name], **_MSN_PRESETS[_name]}))
+EXPERIMENTS = ('table1', 'fig3', 'table2', 'table3', 'baselines', 'msn')
 
 # %% ../nbs/13_pipeline.ipynb #ec99a0b3
 METHODS = {   # name in the report → (what it is, the paper's row it stands beside)
@@ -62,10 +64,11 @@ METHODS = {   # name in the report → (what it is, the paper's row it stands be
     'Initialization': ('MoCo v2 started from the teacher', 'Initialization'),
     'SimSiam':     ('SimSiam on the surgical training frames: no negatives, no momentum encoder (Chapter 8a)', 'SimSiam'),
     'SwAV':        ('SwAV on the surgical training frames: online clustering, multi-crop (Chapter 8a)', 'SwAV'),
+    'MSN':         ('Masked Siamese Networks on the surgical training frames: a small ViT (Chapter 8b)', '–'),
 }
 
 MAIN = ('Scratch', 'Free model', 'Teacher', 'MoCo v2', 'Ours')   # the rows of Table 1 and Figure 3
-BASELINES = {'SimSiam': 'simsiam', 'SwAV': 'swav'}              # Table 1's other SSL rows → their `pretrain` method
+BASELINES = {'SimSiam': 'simsiam', 'SwAV': 'swav', 'MSN': 'msn'}   # other SSL rows (Table 1's, and MSN) → their `pretrain` method
 FRACTION_ROWS = MAIN + tuple(BASELINES)                          # the rows that Figure 3 spans over label fractions
 
 def experiment_methods(experiments) -> list:
@@ -73,7 +76,8 @@ def experiment_methods(experiments) -> list:
     need = []
     if {'table1', 'fig3'} & set(experiments): need += list(MAIN)
     if 'table2' in experiments: need += ['Addition', 'Concatenation', 'Initialization', 'Ours']
-    if 'baselines' in experiments: need += ['MoCo v2', 'Ours', *BASELINES]   # compared with the contrastive rows
+    if 'baselines' in experiments: need += ['MoCo v2', 'Ours', 'SimSiam', 'SwAV']   # compared with the contrastive rows
+    if 'msn' in experiments: need += ['MoCo v2', 'MSN']              # and the MSN paper's protocol on both
     if 'table3' in experiments: need += ['Teacher: ' + v for v in ('none', 'head', 'backbone', 'both')]
     return list(dict.fromkeys(need))
 
@@ -370,10 +374,12 @@ def reproduce(out, preset: str = 'tiny', data=None, seeds: int = None, experimen
     units = [(m, fr, s) for m in methods for fr in (fractions if m in FRACTION_ROWS else (1.0,)) for s in range(c['seeds'])]
     results = run_downstream(st, c, prep, {m: method_backbone(m, c, runs) for m in methods}, units)
     knn = _knn_stages(st, c, prep, runs)
+    protocol = run_protocol(st, c, prep, runs) if 'msn' in c['experiments'] else []   # the MSN paper's protocol
     res = dict(kind='freelunch-reproduce-metrics', version=1, preset=preset, config=c, free_model=free_about,
                runs=runs, prepared=str(prep), results=results, stages=st.log, knn=knn, wall=st.wall,
                wall_s=round(time.perf_counter() - t0, 1), peak_rss_mib=_peak_mib(),
-               tables=summarise(results, c), relaxed_share=relaxed_share(results, c, _dataset(prep)))
+               tables=summarise(results, c), relaxed_share=relaxed_share(results, c, _dataset(prep)),
+               protocol=protocol, protocol_tables=protocol_tables(protocol))
     with atomic_write(out/'metrics.json') as fh: json.dump(res, fh, indent=1, default=str)
     if report: write_report(out)
     return out
@@ -480,6 +486,76 @@ def _growth(results, lo_f, hi_f, score):
     rs = [dict(method='grow', fraction=0.0, seed=s, v=x - y) for s, (x, y) in enumerate(zip(a['d'], b['d']))]
     return paired(rs + [dict(method='zero', fraction=0.0, seed=s, v=0.0) for s in range(len(rs))], 'grow', 'zero', 0.0, 'v')
 
+# %% ../nbs/13_pipeline.ipynb #e9ab10ef
+PROTOCOL_ROWS = ('MSN', 'MoCo v2')        # the backbones that go through the MSN paper's protocol
+PROTOCOL_SCORES = ('video_f1', 'video_accuracy', 'frame_accuracy', 'frame_f1')
+MATCH_MARGIN = 2.0                         # F1 points: "50 % of the labels match 100 %" within ± this
+
+def _protocol_run(d: Path, prep: Path, spec: str, p: dict, fraction: float, seed: int, size: int, quiet: bool):
+    from freelunch.finetune import finetune, load_finetuned, frame_scores
+    run = finetune(prep, d/'run', init=spec, fraction=fraction, seed=seed, size=size, resume=True, quiet=quiet,
+                   **{k: v for k, v in p.items() if k != 'seeds'})
+    scores = frame_scores(load_finetuned(run), prep, 'test', size=size)          # best.pt: chosen on validation F1
+    with atomic_write(d/'scores.json') as fh: json.dump(scores, fh, default=float)
+
+def protocol_unit(st: Stages, c: dict, prep: Path, method: str, spec: str, fraction: float, seed: int) -> dict:
+    "The MSN paper's protocol for one (backbone, fraction, seed) as a stage: fine-tune, choose on validation F1, score the test videos."
+    p = c['msn_protocol']
+    d = st(f"protocol/{method.replace(' ', '_')}/f{fraction:g}_s{seed}",
+           lambda d: _protocol_run(d, prep, spec, p, fraction, seed, c['size'], st.quiet),
+           dict(method=method, spec=spec, fraction=fraction, seed=seed, size=c['size'], **p))
+    s = json.loads((d/'scores.json').read_text())
+    return dict(method=method, fraction=fraction, seed=seed, **{k: s[k] for k in PROTOCOL_SCORES})
+
+def _protocol_job(job):
+    torch.set_num_threads(1)
+    st = Stages(_UNIT['out'], quiet=True)
+    return protocol_unit(st, _UNIT['c'], _UNIT['prep'], *job), st.log
+
+def run_protocol(st: Stages, c: dict, prep: Path, runs: dict, workers: int = None) -> list:
+    "`protocol_unit` for MSN and MoCo v2 at every label fraction and seed; on a CPU in two processes side by side."
+    import multiprocessing as mp
+    units = [(m, runs[m], fr, s) for m in PROTOCOL_ROWS for fr in c['fractions'] for s in range(c['msn_protocol']['seeds'])]
+    t0, cpu = time.perf_counter(), default_device().type == 'cpu'
+    workers = workers if workers is not None else (min(2, os.cpu_count() or 1) if cpu else 1)
+    bar, out = progress(total=len(units), desc='MSN protocol', unit='run', disable=st.quiet), []
+    if workers <= 1:
+        for u in units: out.append(protocol_unit(st, c, prep, *u)); bar.update(1)
+    else:
+        _UNIT.update(out=st.out, c=c, prep=prep)
+        with mp.get_context('fork').Pool(workers) as pool:
+            for r, log in pool.imap(_protocol_job, units): out.append(r); st.log.extend(log); bar.update(1)
+        _UNIT.clear()
+    bar.close(); st.wall['protocol'] = round(time.perf_counter() - t0, 1)
+    return out
+
+def protocol_tables(rows: list) -> dict:
+    "Mean ± std over seeds of the protocol's scores, by backbone and label fraction."
+    out = {}
+    for r in rows: out.setdefault(r['method'], {}).setdefault(f"{r['fraction']:g}", []).append(r)
+    return {m: {fr: dict(seeds=len(g), **{k: _ms([x[k] for x in g]) for k in PROTOCOL_SCORES}) for fr, g in by.items()}
+            for m, by in out.items()}
+
+def match_verdict(p: dict, margin: float = MATCH_MARGIN) -> str:
+    "An equivalence: 'holds' when the interval lies within ± margin, 'does not hold' when wholly outside, else not shown."
+    if p is None or not math.isfinite(p['hi']): return 'not shown (within noise)'
+    if -margin <= p['lo'] and p['hi'] <= margin: return 'holds'
+    return 'does not hold' if p['lo'] > margin or p['hi'] < -margin else 'not shown (within noise)'
+
+def protocol_findings(rows: list, margin: float = MATCH_MARGIN) -> list:
+    "The MSN paper's claims on the protocol's video F1: (claim, verdict, detail) triples."
+    out, have = [], {r['method'] for r in rows}
+    for m in PROTOCOL_ROWS:
+        by = [dict(r, method=f"{100 * r['fraction']:g} %", fraction=0.0) for r in rows if r['method'] == m and r['fraction'] in (0.5, 1.0)]
+        if {b['method'] for b in by} == {'50 %', '100 %'}:
+            p = paired(by, '100 %', '50 %', 0.0, 'video_f1')
+            out.append((f"{m}: 50 % of the labels match 100 % (video F1, within ± {margin:g})", match_verdict(p, margin),
+                        f"F1(100 %) − F1(50 %): {_fmt(p)}"))
+    if set(PROTOCOL_ROWS) <= have:
+        p = paired(rows, 'MSN', 'MoCo v2', 1.0, 'video_f1')
+        out.append(("MSN > MoCo v2 (video F1, 100 % labels, the MSN paper's protocol)", verdict(p), _fmt(p)))
+    return out
+
 # %% ../nbs/13_pipeline.ipynb #58d10137
 PAPER = {   # Cholec80 Acc / Prec / Rec / Jacc (Table 1), Acc (Tables 2 and 3)
     'Scratch': (65.0, 67.7, 53.0, 40.7), 'Free model': (83.1, 64.7, 82.3, 77.8), 'MoCo v2': (85.7, 72.0, 85.4, 84.9),
@@ -534,6 +610,13 @@ def _figures(out: Path, res: dict) -> dict:
     curves = {k: res['runs'][k] for k in ('MoCo v2', 'Ours', *BASELINES) if k in res['runs'] and Path(res['runs'][k]).is_dir()}
     curves['teacher'] = res['runs']['teacher']
     axs = viz.plot_runs(curves); figs['curves'] = viz.fig_to_data_uri(axs[0].figure)
+    if res.get('protocol'):                                  # the MSN paper's label efficiency
+        import pandas as pd
+        pr = pd.DataFrame(res['protocol'])
+        fig, axs = plt.subplots(1, 2, figsize=(10, 3.4))
+        viz.plot_label_fractions(pr, 'video_f1', ax=axs[0], title="video F1 (per-video macro F1), the MSN paper's protocol")
+        viz.plot_label_fractions(pr, 'video_accuracy', ax=axs[1], title='video accuracy, same runs')
+        plt.tight_layout(); figs['protocol'] = viz.fig_to_data_uri(fig)
     try: figs['similarity'] = _similarity_figure(res)
     except Exception as e: figs['similarity_error'] = f"{type(e).__name__}: {e}"
     return figs
@@ -602,6 +685,24 @@ def write_report(out) -> Path:
            f"contrastive task, pulled gently (λ = {c['distill'].get('lam', 5.0):g}, this run) it stays close to MoCo v2. "
            "Chapter 8 ('How strong a pull?') measures that trade-off on the validation videos.</p>"
            if few and few != 'holds' else '')
+    proto = ''
+    if res.get('protocol'):
+        pt, pc = res['protocol_tables'], c['msn_protocol']
+        frs = sorted({fr for t in pt.values() for fr in t}, key=float)
+        rows = ''.join(f"<tr><th>{m}</th>" + ''.join(
+            f"<td>{t[f]['video_f1']['mean']:.1f} ± {t[f]['video_f1']['std']:.1f}</td>" if f in t else '<td></td>' for f in frs)
+            + (f"<td>{t['1']['video_accuracy']['mean']:.1f} ± {t['1']['video_accuracy']['std']:.1f}</td><td>"
+               f"{t['1']['frame_accuracy']['mean']:.1f} ± {t['1']['frame_accuracy']['std']:.1f}</td>" if '1' in t else '<td></td><td></td>')
+            + '</tr>' for m, t in pt.items())
+        pli = ''.join(f'<li class="{mark[v][0]}">{mark[v][1]} {html.escape(cl)}: <b>{v}</b>. {html.escape(d)}</li>'
+                      for cl, v, d in protocol_findings(res['protocol']))
+        proto = (f"<h2>The MSN paper's protocol: frame-level fine-tuning, per-video F1</h2><p>{pc['mode']} fine-tuning with "
+                 f"{pc['optimizer']} (lr {pc['lr']:g}, weight decay {pc['wd']:g}, {pc['epochs']} epochs, {pc['augment']}), the "
+                 f"checkpoint chosen on the validation videos' macro F1; scores on the test videos; mean ± std over "
+                 f"{pc['seeds']} seed(s). The seed paper reports F1 83.4 (ViT-S) on real Cholec80 after pre-training on "
+                 "private laparoscopy video.</p><ul>" + pli + "</ul><table><tr><th>video F1</th>"
+                 + ''.join(f'<th>{100 * float(f):g} % labels</th>' for f in frs)
+                 + "<th>video acc., 100 %</th><th>frame acc., 100 %</th></tr>" + rows + "</table>")
     img = lambda k, alt: f'<img src="{figs[k]}" alt="{alt}">' if k in figs else ''
     stages = ''.join(f"<tr><th>{s['stage']}</th><td>{s['seconds']:.0f} s</td><td>{'reused' if s['skipped'] else ''}</td></tr>"
                      for s in res['stages'] if not s['stage'].startswith(('downstream/', 'knn/')) and not
@@ -626,6 +727,7 @@ only the orderings can be compared, not the values.</p>{why}
 <h2>What each model's features know: kNN phase accuracy of held-out frames (validation videos; 20 neighbours among the training frames)</h2>
 {_knn_html(res.get('knn'))}
 <h2>Figure 3: accuracy against label fraction</h2>{img('fractions', 'label fractions')}
+{proto}{img('protocol', 'label efficiency, MSN protocol')}
 <h2>UMAP of test-frame features, coloured by phase</h2>{img('umap', 'UMAP')}
 <h2>Phase ribbons of one test video</h2>{img('ribbons', 'ribbons')}
 <h2>Similarity rows: teacher and student</h2>{img('similarity', 'similarity') or html.escape(figs.get('similarity_error', ''))}
@@ -653,6 +755,12 @@ def summary_lines(res: dict, score: str = 'strict.accuracy') -> list:
         lines.append(f"  {k:<{w + 10}}" + '  '.join(f"{100 * float(f):g}%: {_fmt(p)}" for f, p in by.items()))
     if res.get('knn'): lines.append('kNN accuracy of the features: ' + ', '.join(f"{k} {v:.1f}" for k, v in res['knn'].items()))
     lines += [f"{v}: {cl} ({d})" for cl, v, d in findings(res['results'], score)]
+    if res.get('protocol'):
+        lines.append("the MSN paper's protocol, video F1 (mean ± std over seeds), by label fraction:")
+        for m, t in res['protocol_tables'].items():
+            lines.append(f"  {m:<{w}}" + ''.join(f"{100 * float(f):g}%: {v['video_f1']['mean']:.1f} ± {v['video_f1']['std']:.1f}   "
+                                                  for f, v in sorted(t.items(), key=lambda kv: float(kv[0]))))
+        lines += [f"{v}: {cl} ({d})" for cl, v, d in protocol_findings(res['protocol'])]
     return lines
 
 def _cmd_reproduce(a):
