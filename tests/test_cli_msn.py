@@ -125,3 +125,23 @@ def test_msn_under_ddp_two_processes_gloo(prep, tmp_path):
     cfg = json.loads((run/'config.json').read_text())
     assert cfg['world_size'] == 2 and load_checkpoint(run/'checkpoints'/'last.pt')['step'] == 60 // 16
     assert read_metrics(run).knn_top1.notna().all()
+
+def test_reproduce_msn_rows_the_protocol_and_the_report(tmp_path, capsys):
+    "`reproduce --experiments msn` trains MSN beside MoCo v2, scores it like Table 1's rows, runs both through the MSN paper's protocol (fine-tuning chosen on validation F1, per-video F1 on test), and reports it."
+    out = tmp_path/'run'
+    code, printed, err = fl('reproduce', '--preset', 'smoke', '--experiments', 'msn', '--seeds', 2, '--quiet', '--out', out,
+                            capsys=capsys)
+    assert code == 0, err
+    res = json.loads((out/'metrics.json').read_text())
+    assert list(res['tables']) == ['MoCo v2', 'MSN'] and res['tables']['MSN']['1']['seeds'] == 2 and 'MSN' in res['knn']
+    cfg = json.loads((Path(res['runs']['MSN'])/'config.json').read_text())
+    assert (cfg['method'], cfg['arch'], cfg['epochs'], cfg['lr']) == ('msn', 'vit-tiny', 3, 1e-3)
+    rows = res['protocol']
+    assert sorted((r['method'], r['fraction']) for r in rows) == [('MSN', 0.5), ('MSN', 1.0), ('MoCo v2', 0.5), ('MoCo v2', 1.0)]
+    for r in rows: assert all(0 <= r[k] <= 100 for k in ('video_f1', 'video_accuracy', 'frame_accuracy', 'frame_f1')), r
+    ft = json.loads((out/'protocol'/'MSN'/'f1_s0'/'run'/'config.json').read_text())
+    assert (ft['optimizer'], ft['select'], ft['mode'], ft['lr'], ft['arch']) == ('adamw', 'f1', 'full', 1e-4, 'vit-tiny')
+    assert res['protocol_tables']['MSN']['1']['video_f1']['mean'] == round(next(r['video_f1'] for r in rows if r['method'] == 'MSN' and r['fraction'] == 1.0), 2)
+    assert "the MSN paper's protocol, video F1" in printed and 'MSN: 50 % of the labels match 100 %' in printed, printed
+    html = (out/'report.html').read_text()
+    assert "The MSN paper's protocol" in html and 'alt="label efficiency, MSN protocol"' in html
