@@ -16,9 +16,9 @@ from .core import *
 # %% auto #0
 __all__ = ['NATIVE_FPS', 'CHOLEC80_PHASES', 'M2CAI16_PHASES', 'CHOLEC80_TOOLS', 'PHASES', 'VIDEO_EXTS', 'SPLITS', 'MANIFEST',
            'INDEX', 'phase_names', 'read_phase_file', 'write_phase_file', 'read_tool_file', 'write_tool_file',
-           'VideoEntry', 'RawDataset', 'write_split_file', 'read_split_file', 'split_of', 'scan_raw', 'margin_box',
-           'DataWarning', 'video_info', 'prepare_video', 'prepare', 'write_index', 'write_test_video', 'load_index',
-           'read_frame', 'FrameDataset', 'TwoViews', 'summarize', 'bench_prepare']
+           'VideoEntry', 'RawDataset', 'write_split_file', 'read_split_file', 'split_of', 'proportional_split',
+           'scan_raw', 'margin_box', 'DataWarning', 'video_info', 'prepare_video', 'prepare', 'write_index',
+           'write_test_video', 'load_index', 'read_frame', 'FrameDataset', 'TwoViews', 'summarize', 'bench_prepare']
 
 # %% ../nbs/01_data.ipynb #b6596f30
 NATIVE_FPS = 25  # frame rate of Cholec80 and M2CAI16 videos and phase annotations
@@ -155,6 +155,22 @@ def split_of(number, split) -> str:
         if number in vs: return k
     return None
 
+# %% ../nbs/01_data.ipynb #0f56a2f8
+def proportional_split(numbers, train: float = 0.5, val: float = 0.1) -> dict:
+    "40/8/32 for any video numbers: sorted, the first 50 % train, the next 10 % val (at least 1 from 4 videos on), the rest test."
+    v = sorted(int(n) for n in numbers)
+    n_train = int(len(v) * train + 0.5)
+    n_val = max(1 if len(v) >= 4 else 0, int(len(v) * val + 0.5))
+    return {'train': v[:n_train], 'val': v[n_train:n_train + n_val], 'test': v[n_train + n_val:]}
+
+def _spans(v) -> str:
+    "1, 2, 3, 5 -> '1-3, 5'."
+    out, v = [], sorted(v)
+    for i, x in enumerate(v):
+        if i and x == v[i - 1] + 1: out[-1][1] = x
+        else: out.append([x, x])
+    return ', '.join(f'{a}' if a == b else f'{a}-{b}' for a, b in out) or 'none'
+
 # %% ../nbs/01_data.ipynb #d12bbd33
 def _index_files(files, pattern):
     out = {}
@@ -194,6 +210,11 @@ def scan_raw(root, dataset='auto', split='auto', videos=None) -> RawDataset:
         vids, phs = ({n: p for n, p in d.items() if _number(n) in videos} for d in (vids, phs))
     _check_pairs(root, vids, phs)
     spl = _resolve_split(root, dataset, split)
+    if split == '40/8/32' and (nums := sorted(_number(n) for n in vids)) != list(range(1, 81)):
+        spl = proportional_split(nums)
+        print(f"note: the split '40/8/32' is Cholec80's videos 1-40 train, 41-48 val, 49-80 test; these {len(nums)} "
+              f"videos get its proportional counterpart: train {_spans(spl['train'])}, val {_spans(spl['val'])}, "
+              f"test {_spans(spl['test'])}.")
     entries = []
     for name in sorted(vids, key=lambda n: (n.startswith('test_'), _number(n))):
         num = _number(name)

@@ -16,11 +16,13 @@ from .data import FrameDataset, load_index, phase_names, NATIVE_FPS, MANIFEST
 from .augment import eval_transform, IMAGENET_MEAN, IMAGENET_STD
 from .moco import backbone, ARCHS, MoCo
 from .train import load_checkpoint, save_checkpoint, load_moco, embed, train_device, SeededItems, read_metrics
+from .metrics import phase_scores, accuracy
 
 # %% auto #0
-__all__ = ['BACKBONES', 'FINETUNE_KEYS', 'FEATURES', 'resolve_backbone', 'label_fraction', 'plot_fractions', 'PhaseClassifier',
-           'train_transform', 'finetune', 'load_finetuned', 'frame_accuracy', 'sample_rows', 'extract', 'load_features',
-           'add_cli']
+__all__ = ['BACKBONES', 'AUGMENTS', 'OPTIMIZERS', 'SCHEDULES', 'SELECTS', 'FINETUNE_KEYS', 'FINETUNE_DEFAULTS', 'MSN_PROTOCOL',
+           'FEATURES', 'resolve_backbone', 'label_fraction', 'plot_fractions', 'PhaseClassifier', 'train_transform',
+           'finetune', 'load_finetuned', 'frame_accuracy', 'macro_f1', 'video_scores', 'frame_scores', 'sample_rows',
+           'extract', 'load_features', 'score_run', 'add_cli']
 
 # %% ../nbs/09_finetune.ipynb #ae453a4d
 BACKBONES = {'scratch': backbone}      # name -> fn(arch) -> backbone with `.out_dim`; the model zoo adds public models
@@ -148,12 +150,25 @@ class PhaseClassifier(nn.Module):
     def forward(self, x): return self.fc(self.backbone(x))
 
 # %% ../nbs/09_finetune.ipynb #1998803c
-def train_transform(size: int = 112):
-    "The fine-tuning view: a crop of 80–100 % of the frame resized to `size`, a horizontal flip, ImageNet normalisation."
-    return v2.Compose([v2.RandomResizedCrop(size, scale=(0.8, 1.0), antialias=True), v2.RandomHorizontalFlip(),
-                       v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+AUGMENTS, OPTIMIZERS, SCHEDULES, SELECTS = ('crop', 'randaugment'), ('adam', 'adamw'), ('step', 'constant'), ('accuracy', 'f1')
 
-FINETUNE_KEYS = ('prep', 'init', 'arch', 'mode', 'fraction', 'by', 'epochs', 'batch', 'lr', 'wd', 'size', 'seed')
+def _choose(name, value, options):
+    if value not in options:
+        raise FreelunchError(f"{name}={value!r}: choose one of {', '.join(map(repr, options))}.")
+
+def train_transform(size: int = 112,
+                    augment: str = 'crop'):   # 'crop': crop and flip only; 'randaugment': RandAugment(3, 7) first (endossl)
+    "The fine-tuning view: [RandAugment,] a crop of 80–100 % of the frame resized to `size`, a horizontal flip, ImageNet normalisation."
+    _choose('augment', augment, AUGMENTS)
+    first = [v2.RandAugment(num_ops=3, magnitude=7)] if augment == 'randaugment' else []   # on the uint8 frame
+    return v2.Compose(first + [v2.RandomResizedCrop(size, scale=(0.8, 1.0), antialias=True), v2.RandomHorizontalFlip(),
+                               v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+FINETUNE_KEYS = ('prep', 'init', 'arch', 'mode', 'fraction', 'by', 'epochs', 'batch', 'lr', 'wd', 'size', 'seed',
+                 'optimizer', 'schedule', 'select', 'augment')
+FINETUNE_DEFAULTS = dict(optimizer='adam', schedule='step', select='accuracy', augment='crop')  # runs from before these options
+MSN_PROTOCOL = dict(mode='full', optimizer='adamw', lr=1e-4, wd=1e-5, schedule='constant', epochs=5, select='f1',
+                    augment='randaugment')                      # the MSN paper's downstream recipe (endossl)
 
 def _dataset_of(prep) -> str:
     p = Path(prep)/MANIFEST
@@ -170,7 +185,8 @@ def _check_finetune_run(run: Path, cfg: dict, resume: bool):
         old = _config(run)
         if not resume: raise FreelunchError(f"{run} already holds a run. Pass --resume (resume=True) to continue it, "
                                             "or choose a new run folder.")
-        diff = {k: (old.get(k), cfg.get(k)) for k in FINETUNE_KEYS if old.get(k) != cfg.get(k)}
+        was = {k: old.get(k, FINETUNE_DEFAULTS.get(k)) for k in FINETUNE_KEYS}    # a key older runs lack: its default
+        diff = {k: (was[k], cfg.get(k)) for k in FINETUNE_KEYS if was[k] != cfg.get(k)}
         if diff: raise FreelunchError(f"{run} was started with other settings ("
                                       + ', '.join(f"{k}: {a!r} now {b!r}" for k, (a, b) in diff.items())
                                       + "). Resume with the same settings, or choose a new run folder.")
@@ -205,10 +221,14 @@ def finetune(prep, run,
              fraction: float = 1.0,   # share of the labelled training data, in (0, 1]
              by: str = 'video',       # draw the fraction by whole 'video's or by 'frame's
              epochs: int = 10, batch: int = 64,
-             lr: float = None,        # Adam's learning rate (default 1e-3 linear, 1e-4 full), halved every 2 epochs
+             lr: float = None,        # learning rate (default 1e-3 linear, 1e-4 full)
              wd: float = 1e-5,        # weight decay
              size: int = 112,         # side of the input images in pixels
              seed: int = 0,
+             optimizer: str = 'adam', # 'adam' (the paper's code) or 'adamw' (decoupled weight decay, endossl)
+             schedule: str = 'step',  # 'step': lr halved every 2 epochs; 'constant' (endossl)
+             select: str = 'accuracy',# best.pt: the epoch of best validation 'accuracy' (frames) or 'f1' (video F1)
+             augment: str = 'crop',   # full mode's view: 'crop' or 'randaugment' (see `train_transform`)
              resume: bool = False,    # continue from checkpoints/last.pt
              max_epochs: int = None,  # stop (with a checkpoint) after this many epochs in all
              workers: int = None,     # data-loader processes (default: 0 on a CPU)
@@ -217,6 +237,11 @@ def finetune(prep, run,
     prep, run, device = Path(prep), Path(run), train_device(device)
     if mode not in ('linear', 'full'): raise FreelunchError(f"mode={mode!r}: choose 'linear' or 'full'.")
     if epochs < 1 or batch < 1: raise FreelunchError(f"epochs={epochs}, batch={batch}: both must be at least 1.")
+    for name, value, options in (('optimizer', optimizer, OPTIMIZERS), ('schedule', schedule, SCHEDULES),
+                                 ('select', select, SELECTS), ('augment', augment, AUGMENTS)): _choose(name, value, options)
+    if mode == 'linear' and augment != 'crop':
+        raise FreelunchError(f"augment={augment!r} with mode='linear': linear fine-tuning computes the features once, "
+                             "without augmentation. Choose mode='full' (--mode full), or leave augment at 'crop'.")
     idx = load_index(prep)
     rows, vids = label_fraction(idx, fraction, by, seed)
     val = idx[idx.split == 'val'].reset_index(drop=True)
@@ -226,13 +251,15 @@ def finetune(prep, run,
     dataset = _dataset_of(prep)
     cfg = dict(kind='freelunch-finetune', version=1, prep=str(prep.resolve()), init=_init_name(init),
                arch=getattr(f, 'arch', None) or arch, mode=mode, fraction=fraction, by=by, epochs=epochs, batch=batch,
-               lr=lr, wd=wd, size=size, seed=seed, dataset=dataset, n_classes=len(phase_names(dataset)),
-               out_dim=f.out_dim, labelled_videos=vids, labelled_frames=len(rows),
-               val_videos=sorted(val.video.unique()), device=device.type)
+               lr=lr, wd=wd, size=size, seed=seed, optimizer=optimizer, schedule=schedule, select=select, augment=augment,
+               dataset=dataset, n_classes=len(phase_names(dataset)), out_dim=f.out_dim, labelled_videos=vids,
+               labelled_frames=len(rows), val_videos=sorted(val.video.unique()), device=device.type)
     _check_finetune_run(run, cfg, resume)
     model = PhaseClassifier(f, cfg['n_classes'], mode).to(device, memory_format=torch.channels_last)
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=wd)
-    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = (torch.optim.AdamW if optimizer == 'adamw' else torch.optim.Adam)(params, lr=lr, weight_decay=wd)
+    sched = (torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5) if schedule == 'step'
+             else torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: 1.0))
     return _finetune_loop(prep, run, cfg, model, opt, sched, rows, val, resume, max_epochs, workers, device, quiet)
 
 # %% ../nbs/09_finetune.ipynb #965cf5da
@@ -256,7 +283,7 @@ def _finetune_loop(prep, run, cfg, model, opt, sched, rows, val, resume, max_epo
         Xv = (embed(model.backbone, FrameDataset(prep, transform=ev, index=val), 128, device, workers) - std[0]) / std[1] \
              if len(val) else None
     else:
-        items = SeededItems(FrameDataset(prep, transform=train_transform(size), index=rows), seed)
+        items = SeededItems(FrameDataset(prep, transform=train_transform(size, cfg['augment']), index=rows), seed)
         Xv = FrameDataset(prep, transform=ev, index=val) if len(val) else None
     n, steps = len(rows), -(-len(rows) // batch)
     bar = progress(total=cfg['epochs'] * steps, initial=state['epoch'] * steps, unit='step', desc=f'finetune ({mode})',
@@ -278,17 +305,19 @@ def _finetune_loop(prep, run, cfg, model, opt, sched, rows, val, resume, max_epo
             loss_sum += loss.item() * len(yb); correct += (logits.argmax(1) == yb).sum().item()
             bar.update(1); bar.set_postfix(loss=f'{loss.item():.3f}', refresh=False)
         lr_now = opt.param_groups[0]['lr']; sched.step()
-        val_acc = None
+        val_acc = val_f1 = None
         if Xv is not None:
-            val_acc = round(100 * (_logits(model, Xv, 128, device, workers).argmax(1) == torch.tensor(val.phase.to_numpy()))
-                            .float().mean().item(), 2)
+            s = video_scores(_logits(model, Xv, 128, device, workers).argmax(1).numpy(), val.phase.to_numpy(),
+                             val.video.to_numpy(), cfg['n_classes'])
+            val_acc, val_f1 = round(s['frame_accuracy'], 2), round(s['video_f1'], 2)
         state['history'].append(dict(epoch=epoch + 1, loss=loss_sum / n, train_acc=round(100 * correct / n, 2),
-                                     val_acc=val_acc, lr=lr_now, seconds=round(time.perf_counter() - t0, 2)))
+                                     val_acc=val_acc, val_f1=val_f1, lr=lr_now, seconds=round(time.perf_counter() - t0, 2)))
         state['epoch'] = epoch + 1
-        if val_acc is not None and (state['best'] is None or val_acc > state['best']):
-            state['best'] = val_acc
+        score = val_f1 if cfg['select'] == 'f1' else val_acc          # chosen on the validation videos, never on test
+        if score is not None and (state['best'] is None or score > state['best']):
+            state['best'] = score
             save_checkpoint(ck_best, dict(kind='freelunch-finetune', version=1, config=cfg, epoch=epoch + 1,
-                                          val_acc=val_acc, model=_raw_weights(model, std)))
+                                          val_acc=val_acc, val_f1=val_f1, model=_raw_weights(model, std)))
         save_checkpoint(ck_last, dict(kind='freelunch-finetune', version=1, config=cfg, epoch=epoch + 1,
                                       model=_raw_weights(model, std), optimizer=opt.state_dict(), scheduler=sched.state_dict(),
                                       history=state['history'], best=state['best'],
@@ -326,6 +355,33 @@ def frame_accuracy(model: PhaseClassifier, prep, split: str = 'test', size: int 
     if len(ds) == 0: raise FreelunchError(f"{prep}: no frames in split {split!r}.")
     pred = _logits(model.to(device), ds, batch, device, workers).argmax(1)
     return round(100 * (pred == torch.tensor(np.asarray(ds.phases))).float().mean().item(), 2)
+
+# %% ../nbs/09_finetune.ipynb #09c7a637
+def macro_f1(pred, gt, n_classes: int = 7) -> float:
+    "Mean F1 (×100) over the phases in `gt` or `pred`: the strict F1 is NaN exactly for the others."
+    return float(np.nanmean(phase_scores(pred, gt, n_classes, None, 'strict')['f1']))
+
+def video_scores(pred, gt, videos, n_classes: int = 7) -> dict:
+    "The MSN paper's scores of frame predictions: mean per-video macro F1 and accuracy, pooled frame accuracy and F1 (×100)."
+    pred, gt, videos = np.asarray(pred), np.asarray(gt), np.asarray(videos)
+    if not len(pred) == len(gt) == len(videos):
+        raise FreelunchError(f"{len(pred)} predictions, {len(gt)} labels and {len(videos)} video names: give one of each per frame.")
+    if len(gt) == 0: raise FreelunchError("No frames to score.")
+    per = {str(v): dict(f1=macro_f1(pred[m], gt[m], n_classes), accuracy=float(accuracy(pred[m], gt[m])), frames=int(m.sum()))
+           for v in sorted(set(videos.tolist())) for m in [videos == v]}
+    return dict(video_f1=float(np.mean([s['f1'] for s in per.values()])),
+                video_accuracy=float(np.mean([s['accuracy'] for s in per.values()])),
+                frame_accuracy=float(accuracy(pred, gt)), frame_f1=macro_f1(pred, gt, n_classes), videos=per)
+
+# %% ../nbs/09_finetune.ipynb #210aee50
+def frame_scores(model: PhaseClassifier, prep, split: str = 'test', size: int = 112, batch: int = 128,
+                 device='cpu', workers: int = 0) -> dict:
+    "`video_scores` (video F1, video and frame accuracy, frame F1; per video) of a classifier's frames in `split`."
+    ds = FrameDataset(prep, split=split, transform=eval_transform(size))
+    if len(ds) == 0:
+        raise FreelunchError(f"{prep}: no frames in split {split!r}; it has {', '.join(sorted(load_index(prep).split.unique()))}.")
+    pred = _logits(model.to(device), ds, batch, device, workers).argmax(1).numpy()
+    return dict(split=split, **video_scores(pred, ds.phases, ds.index.video.to_numpy(), model.fc.out_features))
 
 # %% ../nbs/09_finetune.ipynb #74887b0b
 def sample_rows(rows, fps: float, prepared_fps: float = None):
@@ -424,15 +480,45 @@ def load_features(folder, split=None) -> list:
     return [torch.load(folder/f'{v}.pt', weights_only=True) for v in vids]
 
 # %% ../nbs/09_finetune.ipynb #ed9d99db
+def score_run(run, split: str = 'test', device=None, workers: int = None) -> dict:
+    "`frame_scores` of a fine-tune run's best checkpoint (else its last) on `split`, also written to `RUN/scores.json`."
+    run, device = Path(run), train_device(device)
+    c = _config(run)
+    if c.get('kind') != 'freelunch-finetune': raise FreelunchError(f"{run}: not a fine-tune run folder (no config.json of kind freelunch-finetune).")
+    which = 'best' if (run/'checkpoints'/'best.pt').is_file() else 'last'
+    ck = load_checkpoint(run/'checkpoints'/f'{which}.pt')
+    model = _finetuned_from(ck, run).to(device).eval()
+    workers = (min(8, max(1, (os.cpu_count() or 1) - 1)) if device.type == 'cuda' else 0) if workers is None else workers
+    scores = dict(kind='freelunch-scores', checkpoint=which, epoch=ck['epoch'], select=c.get('select', 'accuracy'),
+                  **frame_scores(model, c['prep'], split, c['size'], device=device, workers=workers))
+    with atomic_write(run/'scores.json') as fh: json.dump(scores, fh, indent=1)
+    return scores
+
+def _protocol(a):
+    "Fill in the options a `--protocol` sets and the command line left out."
+    if getattr(a, 'protocol', None) != 'msn': return a
+    for k, v in MSN_PROTOCOL.items():
+        if getattr(a, k) is None and not (k == 'augment' and a.mode == 'linear'): setattr(a, k, v)
+    return a
+
 def _cmd_finetune(a):
+    _protocol(a)
     kw = {k: getattr(a, k) for k in ('arch', 'mode', 'fraction', 'by', 'epochs', 'batch', 'lr', 'wd', 'size', 'seed',
-                                     'workers', 'device') if getattr(a, k) is not None}
+                                     'optimizer', 'schedule', 'select', 'augment', 'workers', 'device')
+          if getattr(a, k) is not None}
     run = finetune(a.prep, a.run, init=a.init, resume=a.resume, **kw)
     h, c = read_metrics(run), _config(run)
-    val = h.val_acc.dropna()
+    metric, name = ('val_f1', 'F1') if c.get('select') == 'f1' else ('val_acc', 'accuracy')
+    val = h[metric].dropna() if metric in h else h.val_acc[:0]
     print(f"fine-tuned ({c['mode']}, {len(c['labelled_videos'])} labelled videos, {c['labelled_frames']} frames) "
           f"for {len(h)} epochs: train accuracy {h.train_acc.iloc[-1]:.1f} %"
-          + (f", best validation accuracy {val.max():.1f} %" if len(val) else '') + f"; run written to {run}")
+          + (f", best validation {name} {val.max():.1f}" + (' %' if name == 'accuracy' else '') if len(val) else '')
+          + f"; run written to {run}")
+    if a.evaluate:
+        s = score_run(run, a.evaluate, a.device, a.workers)
+        print(f"{a.evaluate} ({s['checkpoint']} checkpoint, epoch {s['epoch']}): video F1 {s['video_f1']:.1f}, "
+              f"video accuracy {s['video_accuracy']:.1f} %, frame accuracy {s['frame_accuracy']:.1f} %, "
+              f"frame F1 {s['frame_f1']:.1f}; written to {run/'scores.json'}")
 
 def _cmd_extract(a):
     kw = {k: getattr(a, k) for k in ('arch', 'fps', 'size', 'batch', 'workers', 'device') if getattr(a, k) is not None}
@@ -453,11 +539,20 @@ def add_cli(sub, parsers):
     s.add_argument('--fraction', type=float, help='share of the labelled training data in (0, 1] (default 1)')
     s.add_argument('--by', choices=['video', 'frame'], help='draw the fraction by whole videos (default) or by frames')
     s.add_argument('--epochs', type=int, help='default 10'); s.add_argument('--batch', type=int, help='default 64')
-    s.add_argument('--lr', type=float, help='Adam learning rate (default 1e-3 linear, 1e-4 full)')
+    s.add_argument('--lr', type=float, help='learning rate (default 1e-3 linear, 1e-4 full)')
     s.add_argument('--wd', type=float, help='weight decay (default 1e-5)')
     s.add_argument('--size', type=int, help='image side in pixels (default 112)')
     s.add_argument('--seed', type=int, help='seed of the fraction draw and of training (default 0)')
     s.add_argument('--workers', type=int, help='data-loader processes'); s.add_argument('--device', help='e.g. cpu, cuda:0')
+    s.add_argument('--optimizer', choices=OPTIMIZERS, help='adam (default) or adamw')
+    s.add_argument('--schedule', choices=SCHEDULES, help='step: lr halved every 2 epochs (default); constant')
+    s.add_argument('--select', choices=SELECTS, help='best checkpoint by validation accuracy (default) or video F1')
+    s.add_argument('--augment', choices=AUGMENTS, help='full mode: crop and flip (default), or randaugment first')
+    s.add_argument('--protocol', choices=['msn'], help="msn: the MSN paper's recipe (" + ', '.join(
+                   f'{k} {v:g}' if isinstance(v, float) else f'{k} {v}' for k, v in MSN_PROTOCOL.items())
+                   + ') for the options not given')
+    s.add_argument('--evaluate', metavar='SPLIT', choices=['train', 'val', 'test'],
+                   help='after training, score the best checkpoint on SPLIT (e.g. test) and write RUN/scores.json')
     s.add_argument('--resume', action='store_true', help='continue from RUN/checkpoints/last.pt')
     s.set_defaults(fn=_cmd_finetune)
     s = sub.add_parser('extract', help='one feature vector per frame for every video, for the temporal model')
