@@ -494,7 +494,7 @@ MATCH_MARGIN = 2.0                         # F1 points: "50 % of the labels matc
 def _protocol_run(d: Path, prep: Path, spec: str, p: dict, fraction: float, seed: int, size: int, quiet: bool):
     from freelunch.finetune import finetune, load_finetuned, frame_scores
     run = finetune(prep, d/'run', init=spec, fraction=fraction, seed=seed, size=size, resume=True, quiet=quiet,
-                   **{k: v for k, v in p.items() if k != 'seeds'})
+                   **{k: v for k, v in p.items() if k not in ('seeds', 'fractions')})
     scores = frame_scores(load_finetuned(run), prep, 'test', size=size)          # best.pt: chosen on validation F1
     with atomic_write(d/'scores.json') as fh: json.dump(scores, fh, default=float)
 
@@ -515,7 +515,8 @@ def _protocol_job(job):
 def run_protocol(st: Stages, c: dict, prep: Path, runs: dict, workers: int = None) -> list:
     "`protocol_unit` for MSN and MoCo v2 at every label fraction and seed; on a CPU in two processes side by side."
     import multiprocessing as mp
-    units = [(m, runs[m], fr, s) for m in PROTOCOL_ROWS for fr in c['fractions'] for s in range(c['msn_protocol']['seeds'])]
+    units = [(m, runs[m], fr, s) for m in PROTOCOL_ROWS for fr in c['msn_protocol']['fractions']
+             for s in range(c['msn_protocol']['seeds'])]
     t0, cpu = time.perf_counter(), default_device().type == 'cpu'
     workers = workers if workers is not None else (min(2, os.cpu_count() or 1) if cpu else 1)
     bar, out = progress(total=len(units), desc='MSN protocol', unit='run', disable=st.quiet), []
