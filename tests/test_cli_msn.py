@@ -140,7 +140,8 @@ def test_reproduce_msn_rows_the_protocol_and_the_report(tmp_path, capsys):
     assert sorted((r['method'], r['fraction']) for r in rows) == [('MSN', 0.5), ('MSN', 1.0), ('MoCo v2', 0.5), ('MoCo v2', 1.0)]
     for r in rows: assert all(0 <= r[k] <= 100 for k in ('video_f1', 'video_accuracy', 'frame_accuracy', 'frame_f1')), r
     ft = json.loads((out/'protocol'/'MSN'/'f1_s0'/'run'/'config.json').read_text())
-    assert (ft['optimizer'], ft['select'], ft['mode'], ft['lr'], ft['arch']) == ('adamw', 'f1', 'full', 1e-4, 'vit-tiny')
+    from freelunch.pipeline import PRESETS
+    assert (ft['optimizer'], ft['select'], ft['mode'], ft['lr'], ft['arch']) == ('adamw', 'f1', 'full', PRESETS['smoke']['msn_protocol']['lr'], 'vit-tiny')
     assert res['protocol_tables']['MSN']['1']['video_f1']['mean'] == round(next(r['video_f1'] for r in rows if r['method'] == 'MSN' and r['fraction'] == 1.0), 2)
     assert "the MSN paper's protocol, video F1" in printed and 'MSN: 50 % of the labels match 100 %' in printed, printed
     html = (out/'report.html').read_text()
