@@ -75,7 +75,5 @@ def dense_infonce(q: torch.Tensor,      # [B, N, D] cell embeddings of view 1 (o
     else: logits = torch.einsum('bnd,bmd->bnm', q, k)/tau
     t = w/w.sum(-1, keepdim=True).clamp_min(1e-12)                                     # soft targets per cell
     if others:   # targets only among the same frame's cells: frame b's block of the B*M candidates
-        t = torch.zeros(B, N, B, M, dtype=t.dtype, device=t.device).index_put_(
-            (torch.arange(B)[:, None, None], torch.arange(N)[None, :, None], torch.arange(B)[:, None, None],
-             torch.arange(M)[None, None, :]), t).reshape(B, N, B*M)
+        t = torch.einsum('bnm,bc->bncm', t, torch.eye(B, dtype=t.dtype, device=t.device)).reshape(B, N, B*M)
     return -(t*logits.log_softmax(-1)).sum(-1).mean()
