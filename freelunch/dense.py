@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from .core import *
 
 # %% auto #0
-__all__ = ['cell_centres', 'flow_at', 'flow_weights', 'dense_infonce']
+__all__ = ['cell_centres', 'flow_at', 'flow_weights', 'dense_infonce', 'feature_map', 'map_shape']
 
 # %% ../nbs/08c_dense.ipynb #b13fa9e3
 def cell_centres(box: torch.Tensor,    # [B, 4] crop boxes (x0, y0, w, h) in frame pixels
@@ -77,3 +77,32 @@ def dense_infonce(q: torch.Tensor,      # [B, N, D] cell embeddings of view 1 (o
     if others:   # targets only among the same frame's cells: frame b's block of the B*M candidates
         t = torch.einsum('bnm,bc->bncm', t, torch.eye(B, dtype=t.dtype, device=t.device)).reshape(B, N, B*M)
     return -(t*logits.log_softmax(-1)).sum(-1).mean()
+
+# %% ../nbs/08c_dense.ipynb #29b3ec2c
+def feature_map(f: torch.nn.Module,   # a backbone of `freelunch.moco.backbone` (or loaded by `freelunch.zoo.load_backbone`)
+                x: torch.Tensor       # [B, 3, H, W] ImageNet-normalised images
+               ) -> torch.Tensor:     # [B, C, h, w] the last feature map, before global pooling
+    "The backbone's last spatial feature map: a CNN's last stage, or a ViT's patch tokens on their grid."
+    import torchvision
+    if isinstance(f, torchvision.models.ResNet):
+        x = f.maxpool(f.relu(f.bn1(f.conv1(x))))
+        return f.layer4(f.layer3(f.layer2(f.layer1(x))))
+    if hasattr(f, 'net') and hasattr(f.net, 'forward_features'):                 # EfficientNet-Lite (timm)
+        return f.net.forward_features(x*f.scale + f.shift)
+    if hasattr(f, 'forward_tokens') and hasattr(f, 'patch'):                      # the ViTs of Chapter 8b
+        t = f.forward_tokens(x)[:, 1:]
+        h, w = x.shape[-2]//f.patch, x.shape[-1]//f.patch
+        return t.transpose(1, 2).reshape(len(t), -1, h, w)
+    if isinstance(f, torch.nn.Sequential) and isinstance(f[-1], torch.nn.Flatten) \
+       and isinstance(f[-2], torch.nn.AdaptiveAvgPool2d):                         # 'tiny' and other pool-flatten stacks
+        return f[:-2](x)
+    raise FreelunchError(f"feature_map: no spatial feature map known for a {type(f).__name__} backbone; "
+                         "use a ResNet, EfficientNet-Lite, 'tiny' or a ViT of this package.")
+
+@torch.no_grad()
+def map_shape(f: torch.nn.Module, size: int) -> tuple:
+    "(channels, side) of `feature_map(f, ·)` for `size`×`size` images, measured on one dummy image."
+    was = f.training; f.eval()
+    try: m = feature_map(f, torch.zeros(1, 3, size, size))
+    finally: f.train(was)
+    return m.shape[1], m.shape[-1]
