@@ -15,10 +15,11 @@ from .core import *
 
 # %% auto #0
 __all__ = ['NATIVE_FPS', 'CHOLEC80_PHASES', 'M2CAI16_PHASES', 'CHOLEC80_TOOLS', 'PHASES', 'VIDEO_EXTS', 'SPLITS', 'MANIFEST',
-           'INDEX', 'phase_names', 'read_phase_file', 'write_phase_file', 'read_tool_file', 'write_tool_file',
+           'INDEX', 'FLOWS', 'phase_names', 'read_phase_file', 'write_phase_file', 'read_tool_file', 'write_tool_file',
            'VideoEntry', 'RawDataset', 'write_split_file', 'read_split_file', 'split_of', 'proportional_split',
-           'scan_raw', 'margin_box', 'DataWarning', 'video_info', 'prepare_video', 'prepare', 'write_index',
-           'write_test_video', 'load_index', 'read_frame', 'FrameDataset', 'TwoViews', 'summarize', 'bench_prepare']
+           'scan_raw', 'margin_box', 'DataWarning', 'video_info', 'parse_flows', 'flow_dir', 'flow_file', 'flow_marker',
+           'dis_flow', 'resample_flow', 'read_flow', 'prepare_video', 'prepare', 'write_index', 'write_test_video',
+           'load_index', 'read_frame', 'FrameDataset', 'TwoViews', 'summarize', 'bench_prepare']
 
 # %% ../nbs/01_data.ipynb #b6596f30
 NATIVE_FPS = 25  # frame rate of Cholec80 and M2CAI16 videos and phase annotations
@@ -303,24 +304,30 @@ def _check_length(video, n_video, n_ann, fps):
     return msg + (f"; the last {d} video frames have no label and are not used." if d > 0 else ".")
 
 # %% ../nbs/01_data.ipynb #4ce2b1a3
-def _decode_kept(path, fps, threads=0):
-    "Yield (25 fps frame index, time in s, HxWx3 uint8) for frames at `fps` per second, by timestamp."
+def _decode_kept(path, fps, threads=0, pairs=False):
+    "Yield (25 fps frame index, time in s, HxWx3 uint8) for frames at `fps` per second, by timestamp; `pairs`: and the next frame (None at the end)."
     with _open_video(path) as c:
         s = c.streams.video[0]
         s.thread_type, s.codec_context.thread_count = 'AUTO', threads
         rate = float(s.average_rate or NATIVE_FPS)
-        nxt, k = 0.0, -1
+        nxt, k, pending = 0.0, -1, None
         try:
             for frame in c.decode(s):
                 k += 1
                 t = float(frame.time) if frame.time is not None else k/rate
+                img = None
+                if pending is not None:                      # the frame after a kept one: its flow partner
+                    img = frame.to_ndarray(format='rgb24'); yield (*pending, img); pending = None
                 if t + 0.5/rate < nxt: continue
                 nxt = (math.floor(t*fps + 0.5/rate*fps) + 1) / fps
-                yield int(round(t*NATIVE_FPS)), t, frame.to_ndarray(format='rgb24')
+                cur = (int(round(t*NATIVE_FPS)), t, img if img is not None else frame.to_ndarray(format='rgb24'))
+                if pairs: pending = cur
+                else: yield cur
         except Exception as e:
             raise DataError(f"{path}: decoding failed after frame {k} ({type(e).__name__}: {e}). "
                             "The file may be truncated or corrupt.") from e
-        yield k+1, None, None   # the number of decoded frames, last
+        if pending is not None: yield (*pending, None)
+        yield (k+1, None, None) + ((None,) if pairs else ())   # the number of decoded frames, last
 
 # %% ../nbs/01_data.ipynb #fb960cc1
 def _tools_at(frames, tool_frames, tools):
@@ -328,9 +335,97 @@ def _tools_at(frames, tool_frames, tools):
     i = np.clip(np.searchsorted(tool_frames, frames, side='right') - 1, 0, len(tool_frames)-1)
     return tools[i]
 
+# %% ../nbs/01_data.ipynb #66ed92eb
+FLOWS = ('dis', 'truth')   # flow estimators: OpenCV's DIS, and SynthCholec's ground truth
+
+def parse_flows(flow) -> tuple:
+    "The flow kinds asked for: None → (), 'dis', 'truth', 'dis,truth' or a list; an unknown kind is an error."
+    if not flow: return ()
+    kinds = [k.strip() for k in flow.split(',')] if isinstance(flow, str) else list(flow)
+    bad = [k for k in kinds if k not in FLOWS]
+    if bad: raise FreelunchError(f"flow {', '.join(map(repr, bad))}: choose from {', '.join(FLOWS)} (comma-separated for several).")
+    return tuple(dict.fromkeys(kinds))
+
+def flow_dir(prep, kind) -> Path: return Path(prep)/f'flow-{kind}'
+def flow_file(prep, kind, video, frame) -> Path: return flow_dir(prep, kind)/video/f'{int(frame):08d}.npy'
+def flow_marker(prep, kind, video) -> Path: return flow_dir(prep, kind)/f'{video}.json'
+
+_DIS = {}
+def dis_flow(a: np.ndarray, b: np.ndarray, preset: str = 'medium') -> np.ndarray:
+    "OpenCV's DIS optical flow from RGB (or grey) uint8 image `a` to `b`: [H, W, 2] float32 (dx, dy) in pixels."
+    import cv2
+    if preset not in _DIS:
+        presets = dict(ultrafast=cv2.DISOPTICAL_FLOW_PRESET_ULTRAFAST, fast=cv2.DISOPTICAL_FLOW_PRESET_FAST,
+                       medium=cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)
+        if preset not in presets: raise FreelunchError(f"DIS preset {preset!r}: choose one of {', '.join(presets)}.")
+        _DIS[preset] = cv2.DISOpticalFlow_create(presets[preset])
+    grey = lambda x: x if x.ndim == 2 else cv2.cvtColor(np.ascontiguousarray(x), cv2.COLOR_RGB2GRAY)
+    return _DIS[preset].calc(grey(a), grey(b), None)
+
+def resample_flow(flow: np.ndarray, box, size: int) -> np.ndarray:
+    "A full-frame flow [H, W, 2] cropped to `box` (top, bottom, left, right) and resized to `size`×`size`, in the pixels of the result."
+    import cv2
+    t, b, l, r = box
+    f = cv2.resize(np.ascontiguousarray(flow[t:b, l:r], dtype=np.float32), (size, size), interpolation=cv2.INTER_LINEAR)
+    return f*np.array([size/(r - l), size/(b - t)], np.float32)
+
+def read_flow(path, size: int = None) -> np.ndarray:
+    "A cached flow file as [H, W, 2] float32; a missing file or one of the wrong shape is a clear error."
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no flow file. Prepare the folder with flow (`freelunch prepare RAW PREP --flow "
+                        f"{path.parent.parent.name.removeprefix('flow-')}`, which adds only what is missing).")
+    try: f = np.load(path)
+    except Exception as e: raise DataError(f"{path}: unreadable flow file ({type(e).__name__}: {e}); delete it and run `prepare --flow` again.") from None
+    want = (size, size, 2) if size else None
+    if f.ndim != 3 or f.shape[-1] != 2 or (want and f.shape != want):
+        raise DataError(f"{path}: flow of shape {f.shape}, expected {want or '(H, W, 2)'}; delete it and run `prepare --flow` again.")
+    return f.astype(np.float32)
+
+def _synth_params(root) -> dict:
+    "The generator parameters of a SynthCholec folder: ground-truth flow needs them."
+    p = Path(root)/'synthcholec.json'
+    if not p.is_file(): raise DataError(f"{root}: ground-truth flow ('truth') exists only for SynthCholec folders (with "
+                                        "synthcholec.json); for real videos use --flow dis.")
+    return json.loads(p.read_text())
+
+class _FlowWriter:
+    "Writes one video's flow files, kind by kind; `close` writes each kind's marker (pairs, seconds spent)."
+    def __init__(self, out, v, size, kinds, synth):
+        self.out, self.v, self.size, self.kinds, self.n = Path(out), v, size, tuple(kinds), 0
+        self.seconds = dict.fromkeys(self.kinds, 0.)
+        self.sv = None
+        if 'truth' in self.kinds:
+            from freelunch.synth import SynthVideo
+            self.sv = SynthVideo(v.number, synth['seed'], synth['minutes'], synth['width'], synth['height'])
+        for k in self.kinds:
+            d = flow_dir(out, k)/v.name; d.mkdir(parents=True, exist_ok=True)
+            flow_marker(out, k, v.name).unlink(missing_ok=True)
+            for p in d.glob(f'.*{TMP_SUFFIX}*'): p.unlink()
+
+    def write(self, idx, small, nxt, box):
+        for k in self.kinds:
+            t0 = time.perf_counter()
+            if k == 'dis':     # the next frame through the kept frame's crop box; the last frame: no motion
+                b = small if nxt is None else np.asarray(Image.fromarray(nxt[box[0]:box[1], box[2]:box[3]]).resize(
+                    (self.size, self.size), Image.BILINEAR))
+                fl = dis_flow(small, b)
+            elif idx + 1 < self.sv.n: fl = resample_flow(self.sv.flow(idx), box, self.size)
+            else: fl = np.zeros((self.size, self.size, 2), np.float32)
+            fn = flow_file(self.out, k, self.v.name, idx)
+            with atomic_write(fn, 'wb') as f: np.save(f, fl.astype(np.float16))
+            self.seconds[k] += time.perf_counter() - t0
+        self.n += 1
+
+    def close(self):
+        for k in self.kinds:
+            with atomic_write(flow_marker(self.out, k, self.v.name)) as f:
+                json.dump(dict(pairs=self.n, seconds=round(self.seconds[k], 4)), f)
+
 # %% ../nbs/01_data.ipynb #f2898828
-def prepare_video(v: VideoEntry, out, fps=1, size=224, crop=True, quality=90, threads=0, report=None, meta=None):
-    "Extract one video's frames into `out/frames/NAME/`; write and return its rows of the index (and a warning or None)."
+def prepare_video(v: VideoEntry, out, fps=1, size=224, crop=True, quality=90, threads=0, report=None, meta=None,
+                  flow=(), synth=None):
+    "Extract one video's frames into `out/frames/NAME/` (and their `flow` kinds); write and return its rows of the index (and a warning or None)."
     out, fdir = Path(out), Path(out)/'frames'/v.name
     report = report or _REPORT
     phases = read_phase_file(v.phase, v.dataset)
@@ -339,15 +434,18 @@ def prepare_video(v: VideoEntry, out, fps=1, size=224, crop=True, quality=90, th
     if meta['frames']: _check_length(v.video, meta['frames'], len(phases), meta['fps'])
     fdir.mkdir(parents=True, exist_ok=True)
     for p in fdir.glob(f'.*{TMP_SUFFIX}*'): p.unlink()
+    flows = _FlowWriter(out, v, size, flow, synth)
     rows, dropped = [], 0
-    for idx, t, img in _decode_kept(v.video, fps, threads):
+    for idx, t, img, *nxt in _decode_kept(v.video, fps, threads, pairs=bool(flow)):
         if img is None: n_decoded = idx; break
         if idx >= len(phases): dropped += 1; continue
-        if crop: tb, bb, lb, rb = margin_box(img); img = img[tb:bb, lb:rb]
+        box = margin_box(img) if crop else (0, img.shape[0], 0, img.shape[1])
+        small = Image.fromarray(img[box[0]:box[1], box[2]:box[3]]).resize((size, size), Image.BILINEAR)
         fn = fdir/f'{idx:08d}.jpg'
         tmpf = atomic_path(fn)
-        Image.fromarray(img).resize((size, size), Image.BILINEAR).save(tmpf, quality=quality)
+        small.save(tmpf, quality=quality)
         os.replace(tmpf, fn)
+        if flow: flows.write(idx, np.asarray(small), nxt[0], box)
         rows.append((v.name, v.number, v.split, idx, round(t, 3), f'frames/{v.name}/{fn.name}', int(phases[idx])))
         if report is not None and len(rows) % 20 == 0: report.put(20)
     if report is not None: report.put(len(rows) % 20)
@@ -357,6 +455,7 @@ def prepare_video(v: VideoEntry, out, fps=1, size=224, crop=True, quality=90, th
     df['phase_name'] = [PHASES[v.dataset][p] for p in df.phase]
     tl = _tools_at(df.frame.values, tframes, tools) if tools is not None else np.full((len(df), 7), -1)
     for j, name in enumerate(CHOLEC80_TOOLS): df[name] = tl[:, j]
+    flows.close()                                   # each kind's marker: its flow files are complete
     with atomic_write(out/'parts'/f'{v.name}.csv') as f: df.to_csv(f, index=False)
     return df, msg
 
@@ -368,7 +467,7 @@ def _manifest(ds, fps, size, crop):
 def _check_out(out, man):
     if (out/MANIFEST).is_file():
         old = json.loads((out/MANIFEST).read_text())
-        diff = {k: (old.get(k), v) for k, v in man.items() if k != 'videos' and old.get(k) != v}
+        diff = {k: (old.get(k), v) for k, v in man.items() if k not in ('videos', 'flow') and old.get(k) != v}
         if diff: raise DataError(f"{out} was prepared with other settings ({', '.join(f'{k}: {a!r} now {b!r}' for k, (a, b) in diff.items())}). "
                                  "Choose a new output folder, or delete this one to start again.")
     elif out.exists() and any(out.iterdir()):
@@ -377,14 +476,20 @@ def _check_out(out, man):
 
 # %% ../nbs/01_data.ipynb #f694d5b4
 def prepare(raw, out, fps=1, size=224, dataset='auto', split='auto', videos=None, crop=True,
-            workers=None, quality=90) -> Path:
-    "Decode every video of the raw folder `raw` at `fps` into `size`×`size` frames plus `out/index.csv`."
+            workers=None, quality=90,
+            flow=None) -> Path:   # optical flow to the next frame: 'dis' (OpenCV), 'truth' (SynthCholec's), both ('dis,truth'), or None
+    "Decode every video of the raw folder `raw` at `fps` into `size`×`size` frames plus `out/index.csv` (and their optical flow)."
     import concurrent.futures as cf, multiprocessing as mp
+    flow = parse_flows(flow)
     ds, out = scan_raw(raw, dataset, split, videos), Path(out)
+    synth = _synth_params(ds.root) if 'truth' in flow else None
     man = _manifest(ds, fps, size, crop)
     _check_out(out, man)
+    old = json.loads((out/MANIFEST).read_text()).get('flow', []) if (out/MANIFEST).is_file() else []
+    man['flow'] = sorted({*old, *flow})
     with atomic_write(out/MANIFEST) as f: json.dump(man, f, indent=1)
-    todo = [v for v in ds.videos if not (out/'parts'/f'{v.name}.csv').is_file()]
+    todo = [v for v in ds.videos if not (out/'parts'/f'{v.name}.csv').is_file()
+            or not all(flow_marker(out, k, v.name).is_file() for k in flow)]
     workers = max(1, min(workers or os.cpu_count() or 1, len(todo) or 1))
     threads = max(1, (os.cpu_count() or 1) // workers)
     metas = {v.name: video_info(v.video) for v in todo}
@@ -392,11 +497,11 @@ def prepare(raw, out, fps=1, size=224, dataset='auto', split='auto', videos=None
     msgs = []
     with progress(total=total, unit='frame', desc=f'prepare {len(todo)}/{len(ds.videos)} videos') as bar:
         if workers == 1:
-            for v in todo: msgs.append(prepare_video(v, out, fps, size, crop, quality, threads, _Counter(bar), metas[v.name])[1])
+            for v in todo: msgs.append(prepare_video(v, out, fps, size, crop, quality, threads, _Counter(bar), metas[v.name], flow, synth)[1])
         else:
             q = mp.get_context().Queue()
             with cf.ProcessPoolExecutor(workers, initializer=_set_report, initargs=(q,)) as ex:
-                futs = [ex.submit(prepare_video, v, out, fps, size, crop, quality, threads, None, metas[v.name]) for v in todo]
+                futs = [ex.submit(prepare_video, v, out, fps, size, crop, quality, threads, None, metas[v.name], flow, synth) for v in todo]
                 while not all(f.done() for f in futs): _drain(q, bar, timeout=0.2)
                 msgs += [f.result()[1] for f in futs]
             _drain(q, bar)
