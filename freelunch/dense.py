@@ -5,13 +5,16 @@
 # %% ../nbs/08c_dense.ipynb #3cf5bddc
 from __future__ import annotations
 import math
+from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
 from .core import *
 
 # %% auto #0
-__all__ = ['cell_centres', 'flow_at', 'flow_weights', 'dense_infonce', 'feature_map', 'map_shape']
+__all__ = ['LAPAROFLOW_FLOWS', 'cell_centres', 'flow_at', 'flow_weights', 'dense_infonce', 'feature_map', 'map_shape',
+           'photometric', 'FlowViews', 'dense_head', 'DenseEncoder', 'DenseContrast', 'check_flows', 'LaparoflowMethod',
+           'bench_laparoflow', 'add_cli']
 
 # %% ../nbs/08c_dense.ipynb #b13fa9e3
 def cell_centres(box: torch.Tensor,    # [B, 4] crop boxes (x0, y0, w, h) in frame pixels
@@ -65,7 +68,8 @@ def dense_infonce(q: torch.Tensor,      # [B, N, D] cell embeddings of view 1 (o
                   k: torch.Tensor,      # [B, M, D] cell embeddings of view 2 (target network)
                   w: torch.Tensor,      # [B, N, M] pair weights (flow_weights)
                   tau: float = 0.2,     # temperature (DenseCL's)
-                  others: bool = True   # the cells of the other frames of the batch are negatives too
+                  others: bool = True,  # the cells of the other frames of the batch are negatives too
+                  w_min: float = 0.     # cells whose largest weight is below this have no positive: left out
                  ) -> torch.Tensor:
     "InfoNCE over cells with soft positives w_ij / Σ_j w_ij among the other view's cells; k gets no gradient."
     B, N, _ = q.shape; M = k.shape[1]
@@ -76,7 +80,9 @@ def dense_infonce(q: torch.Tensor,      # [B, N, D] cell embeddings of view 1 (o
     t = w/w.sum(-1, keepdim=True).clamp_min(1e-12)                                     # soft targets per cell
     if others:   # targets only among the same frame's cells: frame b's block of the B*M candidates
         t = torch.einsum('bnm,bc->bncm', t, torch.eye(B, dtype=t.dtype, device=t.device)).reshape(B, N, B*M)
-    return -(t*logits.log_softmax(-1)).sum(-1).mean()
+    ce = -(t*logits.log_softmax(-1)).sum(-1)                                           # [B, N] per cell
+    keep = w.amax(-1) >= w_min
+    return (ce*keep).sum()/keep.sum().clamp_min(1)
 
 # %% ../nbs/08c_dense.ipynb #29b3ec2c
 def feature_map(f: torch.nn.Module,   # a backbone of `freelunch.moco.backbone` (or loaded by `freelunch.zoo.load_backbone`)
@@ -106,3 +112,208 @@ def map_shape(f: torch.nn.Module, size: int) -> tuple:
     try: m = feature_map(f, torch.zeros(1, 3, size, size))
     finally: f.train(was)
     return m.shape[1], m.shape[-1]
+
+# %% ../nbs/08c_dense.ipynb #679b78e3
+from torchvision.transforms import v2
+from .augment import IMAGENET_MEAN, IMAGENET_STD, blur_kernel
+from .data import flow_file, read_flow, parse_flows
+
+def photometric(size: int) -> v2.Compose:
+    "MoCo v2's colour steps (jitter 0.4/0.4/0.4/0.1 at p 0.8, grey at p 0.2, blur σ 0.1–2 at p 0.5), then ImageNet normalisation."
+    return v2.Compose([v2.RandomApply([v2.ColorJitter(.4, .4, .4, .1)], p=.8), v2.RandomGrayscale(.2),
+                       v2.RandomApply([v2.GaussianBlur(blur_kernel(2., size), (.1, 2.))], p=.5),
+                       v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+class FlowViews(torch.utils.data.Dataset):
+    "Two views of each frame of a `FrameDataset`, with their cells' centres (fractions of the frame) and the flow there (pixels)."
+    def __init__(self, ds,                   # a FrameDataset (its index names each frame's flow file)
+                 size: int = 112,            # side of the views
+                 grid: int = 4,              # side of the backbone's feature map at `size`
+                 flow: str = None,           # 'dis', 'truth' or None (no flow: zeros)
+                 scale: tuple = (0.2, 1.0),  # range of the crop's area
+                 p_flip: float = 0.5):
+        kinds = parse_flows(flow)
+        if len(kinds) > 1: raise FreelunchError(f"FlowViews: one flow kind at a time (got {flow!r}).")
+        self.flow = kinds[0] if kinds else None
+        if self.flow and not hasattr(ds, 'index'):
+            raise FreelunchError("FlowViews: flow needs a FrameDataset of a prepared folder (its index names the flow files).")
+        self.ds, self.size, self.grid, self.scale, self.p_flip = ds, size, grid, scale, p_flip
+        self.colour = photometric(size)
+    def __len__(self): return len(self.ds)
+
+    def view(self, img, flow):
+        import torchvision.transforms as T
+        t, l, h, w = T.RandomResizedCrop.get_params(img, self.scale, (3/4, 4/3))
+        flip = bool(torch.rand(()) < self.p_flip)
+        x = v2.functional.resized_crop(img, t, l, h, w, [self.size, self.size], antialias=True)
+        if flip: x = v2.functional.horizontal_flip(x)
+        c = cell_centres(torch.tensor([[l, t, w, h]]), torch.tensor([flip]), self.grid)        # [1, N, 2] frame px
+        f = flow_at(flow[None], c)[0] if flow is not None else torch.zeros(c.shape[1], 2)
+        return self.colour(x), c[0]/torch.tensor([img.shape[-1], img.shape[-2]]), f
+
+    def __getitem__(self, i):
+        img, y = self.ds[i]
+        flow = None
+        if self.flow:
+            r = self.ds.index.iloc[i]
+            flow = torch.from_numpy(read_flow(flow_file(self.ds.prep, self.flow, r.video, r.frame), img.shape[-1]))
+        (x1, c1, f1), (x2, c2, f2) = self.view(img, flow), self.view(img, flow)
+        return (x1, x2, c1, c2, f1, f2), y
+
+# %% ../nbs/08c_dense.ipynb #5d301287
+from torch import nn
+import copy
+from .moco import momentum_update, batch_shuffle, batch_unshuffle, encode_in_splits, backbone
+
+def dense_head(dim_in: int, dim_hidden: int = None, dim_out: int = 128) -> nn.Sequential:
+    "DenseCL's dense projection head: conv 1×1 → ReLU → conv 1×1, applied at every cell of the map."
+    h = dim_hidden or dim_in
+    return nn.Sequential(nn.Conv2d(dim_in, h, 1), nn.ReLU(inplace=True), nn.Conv2d(h, dim_out, 1))
+
+class DenseEncoder(nn.Module):
+    "Backbone f and dense head h: images → cell embeddings [B, N, D] (cells in raster order)."
+    def __init__(self, backbone: nn.Module, head: nn.Module):
+        super().__init__(); self.backbone, self.head = backbone, head
+    def forward(self, x): return self.head(feature_map(self.backbone, x)).flatten(2).transpose(1, 2)
+
+class DenseContrast(nn.Module):
+    "Laparoflow-SSL's network: online dense encoder, momentum twin, and the flow-weighted dense InfoNCE."
+    def __init__(self, f: nn.Module, dim: int = 128, hidden: int = None, m: float = 0.99, tau: float = 0.2,
+                 sigma: float = 1.,           # flow width in pixels of the stored frame
+                 rho: float = 0.1,            # spatial width as a fraction of the frame side (None: no spatial term)
+                 w_min: float = math.exp(-2), # cells whose best weight is below this have no positive
+                 bn_splits: int = 1):
+        super().__init__()
+        self.m, self.tau, self.sigma, self.rho, self.w_min, self.bn_splits = m, tau, sigma, rho, w_min, bn_splits
+        chans = map_shape(f, 64)[0]
+        self.encoder_q = DenseEncoder(f, dense_head(chans, hidden, dim))
+        self.encoder_k = copy.deepcopy(self.encoder_q)
+        for p in self.encoder_k.parameters(): p.requires_grad = False
+
+    def weights(self, c1, c2, f1, f2) -> torch.Tensor:
+        "Pair weights [B, N, M] of the cells of two views: flow term × spatial term."
+        return flow_weights(f1.float(), f2.float(), self.sigma, c1.float(), c2.float(), self.rho)
+
+    @torch.no_grad()
+    def keys(self, x2):
+        momentum_update(self.encoder_q, self.encoder_k, self.m)
+        x2, idx = batch_shuffle(x2)
+        return batch_unshuffle(encode_in_splits(self.encoder_k, x2, self.bn_splits), idx)
+
+    def forward(self, x1, x2, c1, c2, f1, f2):
+        "The loss of a batch and what to log (the share of cells with a positive)."
+        q = encode_in_splits(self.encoder_q, x1, self.bn_splits).float()
+        k = self.keys(x2).float()
+        w = self.weights(c1, c2, f1, f2)
+        loss = dense_infonce(q, k, w, self.tau, w_min=self.w_min)
+        return loss, dict(positive_share=(w.amax(-1) >= self.w_min).float().mean().item())
+
+    @property
+    def backbone(self) -> nn.Module: return self.encoder_q.backbone
+
+# %% ../nbs/08c_dense.ipynb #40b648d5
+from .train import Method, METHODS, SeededItems
+from .data import flow_marker
+
+LAPAROFLOW_FLOWS = ('dis', 'truth', 'none')
+
+def check_flows(ds, kind: str):
+    "Raise a clear error unless every video of `ds` (a FrameDataset) has its complete `kind` flow."
+    if not hasattr(ds, 'index'):
+        raise FreelunchError(f"--flow {kind} needs a prepared folder as data (its index names each frame's flow file).")
+    missing = [v for v in ds.index.video.unique() if not flow_marker(ds.prep, kind, v).is_file()]
+    if missing:
+        raise DataError(f"{ds.prep}: no complete {kind} flow for {len(missing)} video(s) ({', '.join(missing[:4])}"
+                        f"{', …' if len(missing) > 4 else ''}). Add it with `freelunch prepare RAW {ds.prep} --flow {kind}` "
+                        "(the same settings as before: only the flow is computed), or train with --flow none.")
+
+class LaparoflowMethod(Method):
+    "Laparoflow-SSL: flow-weighted dense contrast between two views of a frame (cells mapped through their boxes)."
+    name = 'laparoflow'
+    options = dict(init=None, flow='dis', sigma=1., rho=0.1, w_min=math.exp(-2), hidden=None)
+    base_lr = 0.03
+
+    def queue_size(self, queue, n, batch): return 0          # no queue: the batch's other cells are the negatives
+
+    def configure(self, cfg):
+        out = super().configure(cfg)
+        o = self.opts
+        if o['flow'] not in LAPAROFLOW_FLOWS:
+            raise FreelunchError(f"--flow {o['flow']!r}: choose one of {', '.join(LAPAROFLOW_FLOWS)}.")
+        for k in ('sigma', 'rho'):
+            if not o[k] > 0: raise FreelunchError(f"--{k} must be > 0 (got {o[k]}).")
+        if o['flow'] != 'none': check_flows(self.data, o['flow'])
+        f = getattr(self, 'init_f', None) or backbone(cfg['arch'] or 'resnet18')
+        return {**out, 'flow': o['flow'], 'sigma': float(o['sigma']), 'rho': float(o['rho']),
+                'w_min': float(o['w_min']), 'hidden': o['hidden'], 'grid': map_shape(f, cfg['size'])[1]}
+
+    def build(self, cfg, f=None):
+        return DenseContrast(f if f is not None else backbone(cfg['arch']), dim=cfg['dim'], hidden=cfg.get('hidden'),
+                             m=cfg['m'], tau=cfg['tau'], sigma=cfg['sigma'], rho=cfg['rho'], w_min=cfg['w_min'],
+                             bn_splits=cfg['bn_splits'])
+
+    def views(self, ds, cfg, seed, **ctx):
+        return SeededItems(FlowViews(ds, cfg['size'], cfg['grid'], None if cfg['flow'] == 'none' else cfg['flow']), seed)
+
+    def loss(self, net, *xs): return net(*xs)
+
+METHODS['laparoflow'] = LaparoflowMethod
+
+# %% ../nbs/08c_dense.ipynb #f17c62c9
+def bench_laparoflow(size: int = 112, batch: int = 32, steps: int = 6, arch: str = 'resnet18', warmup: int = 2,
+                     prep_size: int = 112, videos=(1, 2), raw=None) -> dict:
+    "Seconds per flow-weighted dense step against a MoCo v2 step (same backbone, interleaved), and what DIS adds to `prepare`."
+    import tempfile, time, json
+    from freelunch.moco import MoCo, infonce_loss
+    from freelunch.train import sgd, _time_steps, _paired_ratio
+    from freelunch.data import prepare, dis_flow, flow_dir, load_index, read_frame
+    res = dict(arch=arch, size=size, batch=batch, steps=steps, threads=torch.get_num_threads(),
+               note='step: best of interleaved repetitions (medians beside); ratio: median over rounds of dense / MoCo')
+    torch.manual_seed(0)
+    x1, x2 = (torch.randn(batch, 3, size, size).contiguous(memory_format=torch.channels_last) for _ in range(2))
+    moco = MoCo(backbone(arch), K=4096, m=0.99, bn_splits=2).to(memory_format=torch.channels_last).train()
+    f = backbone(arch); g = map_shape(f, size)[1]
+    dense = DenseContrast(f, bn_splits=2).to(memory_format=torch.channels_last).train()
+    c1, c2 = torch.rand(batch, g*g, 2), torch.rand(batch, g*g, 2)
+    f1, f2 = torch.randn(batch, g*g, 2), torch.randn(batch, g*g, 2)
+    o_m, o_d = sgd(moco, .03), sgd(dense, .03)
+    def moco_step():
+        loss = infonce_loss(moco(x1, x2)[0]); o_m.zero_grad(); loss.backward(); o_m.step()
+    def dense_step():
+        loss = dense(x1, x2, c1, c2, f1, f2)[0]; o_d.zero_grad(); loss.backward(); o_d.step()
+    tt = _time_steps(dict(moco=moco_step, dense=dense_step), steps, warmup, lambda: None)
+    res.update(grid=g, moco_step_s=round(tt['moco'][0], 4), dense_step_s=round(tt['dense'][0], 4),
+               median_step_s={k: round(v[1], 4) for k, v in tt.items()},
+               dense_over_moco=round(_paired_ratio(tt, 'dense', 'moco'), 3))
+    if raw is None:
+        from freelunch.synth import default_synthcholec
+        raw = default_synthcholec()
+    with tempfile.TemporaryDirectory() as d:
+        t = time.perf_counter(); prepare(raw, Path(d)/'plain', size=prep_size, videos=list(videos), workers=1)
+        plain = time.perf_counter() - t
+        t = time.perf_counter(); prepare(raw, Path(d)/'flow', size=prep_size, videos=list(videos), workers=1, flow='dis')
+        withflow = time.perf_counter() - t
+        marks = [json.loads(p.read_text()) for p in flow_dir(Path(d)/'flow', 'dis').glob('*.json')]
+        pairs, dis_s = sum(m['pairs'] for m in marks), sum(m['seconds'] for m in marks)
+        ix = load_index(Path(d)/'flow')
+        imgs = [read_frame(Path(d)/'flow'/p).permute(1, 2, 0).numpy() for p in ix.path[:21]]
+        t = time.perf_counter()
+        for a, b in zip(imgs, imgs[1:]): dis_flow(a, b)
+        alone = (len(imgs) - 1)/(time.perf_counter() - t)
+    res.update(prepare_size=prep_size, prepare_videos=list(videos), prepare_s=round(plain, 3),
+               prepare_with_dis_s=round(withflow, 3), dis_pairs=pairs, dis_in_prepare_s=round(dis_s, 3),
+               dis_pairs_per_s=round(pairs/dis_s, 1), dis_pairs_per_s_alone=round(alone, 1),
+               dis_share_of_prepare=round((withflow - plain)/withflow, 3))
+    return res
+
+# %% ../nbs/08c_dense.ipynb #154aeb13
+def add_cli(sub, parsers):
+    "Laparoflow's options of `pretrain` and the 'laparoflow' benchmark."
+    from freelunch.cli import BENCHES
+    g = parsers['pretrain'].add_argument_group('Laparoflow-SSL (--method laparoflow)')
+    g.add_argument('--flow', choices=LAPAROFLOW_FLOWS, help="which flow weighs the pairs: dis (default; `prepare --flow dis`), "
+                   "truth (SynthCholec's, `prepare --flow truth`), none (dense contrast without flow)")
+    g.add_argument('--sigma', type=float, help='width of the flow Gaussian in pixels of the stored frames (default 1)')
+    g.add_argument('--rho', type=float, help="width of the spatial Gaussian as a fraction of the frame's side (default 0.1)")
+    g.add_argument('--w-min', type=float, help='a cell whose best weight is below this has no positive and is left out (default e^-2)')
+    BENCHES['laparoflow'] = lambda a: bench_laparoflow()

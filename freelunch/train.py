@@ -242,7 +242,8 @@ class Method:
 # %% ../nbs/05_train.ipynb #549982dc
 METHODS = dict(moco=Method)
 METHOD_MODULES = dict(teacher='freelunch.teacher', distill='freelunch.distill', simsiam='freelunch.baselines',
-                      swav='freelunch.baselines', msn='freelunch.msn')
+                      swav='freelunch.baselines', msn='freelunch.msn',
+                      laparoflow='freelunch.dense')
 
 def get_method(name: str) -> type:
     "The `Method` class registered as `name`, importing the chapter that defines it if needed."
@@ -292,7 +293,7 @@ def _finite(params) -> bool:
 # %% ../nbs/05_train.ipynb #c7d6194e
 def pretrain(prep,                         # prepared folder (its 'train' frames), or a dataset of (uint8 image, label)
              run,                          # run folder: config, checkpoints, metrics
-             method: str = 'moco',            # 'moco', 'teacher' (Ch. 7), 'distill' (Ch. 8), 'simsiam', 'swav' (Ch. 8a), 'msn' (Ch. 8b)
+             method: str = 'moco',            # 'moco', 'teacher' (Ch. 7), 'distill' (Ch. 8), 'simsiam', 'swav' (Ch. 8a), 'msn' (Ch. 8b), 'laparoflow' (Ch. 8c)
              arch=None,                       # 'resnet18' (default), 'resnet50', 'tiny', or a function returning a backbone
              size: int = 112,                 # side of the views in pixels
              epochs: int = 200, batch: int = 64,   # batch: global, over all processes
