@@ -34,7 +34,7 @@ def cmd_synth(a):
 def cmd_prepare(a):
     from freelunch.data import prepare
     idx = prepare(a.raw, a.out, fps=a.fps, size=a.size, dataset=a.dataset, split=a.split,
-                  videos=parse_videos(a.videos), crop=not a.no_crop, workers=a.workers)
+                  videos=parse_videos(a.videos), crop=not a.no_crop, workers=a.workers, flow=a.flow)
     print(f"index written to {idx}")
 
 def cmd_pretrain(a):
@@ -87,7 +87,7 @@ def format_summary(s: dict) -> str:
     return '\n'.join(lines)
 
 # %% ../nbs/14_cli.ipynb #20827520
-CHAPTERS = ('freelunch.zoo', 'freelunch.distill', 'freelunch.baselines', 'freelunch.msn', 'freelunch.finetune', 'freelunch.tcn',
+CHAPTERS = ('freelunch.zoo', 'freelunch.distill', 'freelunch.baselines', 'freelunch.msn', 'freelunch.dense', 'freelunch.finetune', 'freelunch.tcn',
             'freelunch.metrics', 'freelunch.pipeline')
 
 def _chapters() -> list:
@@ -116,11 +116,12 @@ def _parser():
     s.add_argument('--split', default='auto', help="'auto' (split.json if present, else the dataset's), 'cholec80' (1-40/41-80), '40/8/32', or a split.json")
     s.add_argument('--videos', help='only these video numbers, e.g. 1-40,45')
     s.add_argument('--no-crop', action='store_true', help='keep the black margins')
+    s.add_argument('--flow', help="optical flow to the next frame, cached per frame: dis (OpenCV), truth (SynthCholec's), or dis,truth")
     s.add_argument('--workers', type=int, help='parallel processes (default: one per core)')
     s.set_defaults(fn=cmd_prepare)
     s = sub.add_parser('pretrain', help='self-supervised pretraining on the training frames of a prepared folder')
     s.add_argument('prep', help='prepared folder (from `freelunch prepare`)'); s.add_argument('run', help='run folder (checkpoints, metrics, config)')
-    s.add_argument('--method', default='moco', help='pretraining method: moco (default), teacher, distill, simsiam, swav or msn')
+    s.add_argument('--method', default='moco', help='pretraining method: moco (default), teacher, distill, simsiam, swav, msn or laparoflow')
     s.add_argument('--arch', help='backbone: resnet18 (default), resnet50, tiny, or a ViT for msn (vit-tiny, its default; vit-small)')
     s.add_argument('--size', type=int, help='side of the augmented views in pixels (default 112)')
     s.add_argument('--epochs', type=int); s.add_argument('--batch', type=int, help='global batch size (default 64)')
