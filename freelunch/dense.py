@@ -14,7 +14,7 @@ from .core import *
 # %% auto #0
 __all__ = ['LAPAROFLOW_FLOWS', 'cell_centres', 'flow_at', 'flow_weights', 'dense_infonce', 'feature_map', 'map_shape',
            'photometric', 'FlowViews', 'dense_head', 'DenseEncoder', 'DenseContrast', 'check_flows', 'LaparoflowMethod',
-           'bench_laparoflow', 'add_cli']
+           'flow_image', 'endpoint_error', 'bench_laparoflow', 'add_cli']
 
 # %% ../nbs/08c_dense.ipynb #b13fa9e3
 def cell_centres(box: torch.Tensor,    # [B, 4] crop boxes (x0, y0, w, h) in frame pixels
@@ -258,6 +258,21 @@ class LaparoflowMethod(Method):
     def loss(self, net, *xs): return net(*xs)
 
 METHODS['laparoflow'] = LaparoflowMethod
+
+# %% ../nbs/08c_dense.ipynb #826cacce
+def flow_image(flow, clip: float = None) -> np.ndarray:
+    "A flow field [H, W, 2] as an RGB picture: hue the direction, brightness the speed (up to `clip` px, default its 99th percentile)."
+    import cv2
+    flow = np.asarray(flow, np.float32)
+    mag, ang = cv2.cartToPolar(np.ascontiguousarray(flow[..., 0]), np.ascontiguousarray(flow[..., 1]))
+    clip = clip or max(float(np.percentile(mag, 99)), 1e-6)
+    hsv = np.stack([ang*90/np.pi, np.full_like(mag, 255), np.clip(mag/clip, 0, 1)*255], -1).astype(np.uint8)
+    return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+
+def endpoint_error(est, truth, mask=None) -> float:
+    "Mean end-point error ‖est − truth‖ in pixels (over `mask` if given)."
+    e = np.linalg.norm(np.asarray(est, np.float32) - np.asarray(truth, np.float32), axis=-1)
+    return float(e[mask].mean() if mask is not None else e.mean())
 
 # %% ../nbs/08c_dense.ipynb #f17c62c9
 def bench_laparoflow(size: int = 112, batch: int = 32, steps: int = 6, arch: str = 'resnet18', warmup: int = 2,
