@@ -4,7 +4,7 @@
 
 # %% ../nbs/02_synth.ipynb #7b82e2b9
 from __future__ import annotations
-import json, math, os
+import json, math, os, shutil
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 import numpy as np
@@ -18,9 +18,11 @@ from .data import (CHOLEC80_PHASES, CHOLEC80_TOOLS, NATIVE_FPS as FPS, write_pha
 # %% auto #0
 __all__ = ['PREP', 'CALOT', 'CLIP', 'GBD', 'PACK', 'CLEAN', 'RETR', 'GRASPER', 'BIPOLAR', 'HOOK', 'SCISSORS', 'CLIPPER',
            'IRRIGATOR', 'BAG', 'REAL_PHASE_SECONDS', 'MIN_PHASE_S', 'END_ORDERS', 'TOOL_P', 'TOOL_EPISODE_S',
-           'TOOL_SIZE', 'SYNTH_VERSION', 'MARKER', 'phase_scale', 'phase_durations', 'phase_segments', 'phase_labels',
-           'tool_presence', 'synth_annotations', 'anatomy', 'SynthVideo', 'draw_tool', 'bag_sprite', 'write_mp4',
-           'write_synth_video', 'synth_split', 'make_synthcholec', 'default_synthcholec', 'dead_leaves', 'DeadLeaves']
+           'TOOL_SIZE', 'CLIP_COLOUR', 'DRAW_ORDER', 'CHOLECSEG8K_CLASSES', 'TOOL_CLASS', 'TIP_AT', 'SEG_CLIPS',
+           'SEG_FRAMES', 'SYNTH_VERSION', 'MARKER', 'phase_scale', 'phase_durations', 'phase_segments', 'phase_labels',
+           'tool_presence', 'synth_annotations', 'anatomy', 'SynthVideo', 'draw_tool', 'bag_sprite', 'colour_mask',
+           'write_mp4', 'write_synth_video', 'seg_clip_starts', 'write_synth_segmentation', 'synth_split',
+           'make_synthcholec', 'default_synthcholec', 'dead_leaves', 'DeadLeaves']
 
 # %% ../nbs/02_synth.ipynb #19cefd38
 PREP, CALOT, CLIP, GBD, PACK, CLEAN, RETR = range(7)                    # phase labels
@@ -202,6 +204,15 @@ class _Layer:
         s = np.s_[ya - y0:yb - y0, xa - x0:xb - x0]
         sub = img[:, ya:yb, xa:xb]
         sub *= 1 - a[s]; sub += pm[(slice(None),) + s]
+    def label(self, lab, cls, m=None, dy=0, dx=0):
+        "Write class `cls` into the label image `lab` where this layer, pasted as by `paste`, covers more than half."
+        a = self.a if m is None else self.a*m
+        H, W = lab.shape
+        y0, x0 = self.y0 + dy, self.x0 + dx
+        ya, yb, xa, xb = max(0, y0), min(H, y0 + a.shape[0]), max(0, x0), min(W, x0 + a.shape[1])
+        if ya >= yb or xa >= xb: return
+        sub = lab[ya:yb, xa:xb]
+        sub[a[ya - y0:yb - y0, xa - x0:xb - x0] > .5] = cls
 
 # %% ../nbs/02_synth.ipynb #6aafc860
 class _Canvas:
@@ -244,6 +255,7 @@ def _liver_and_surroundings(c, A):
     bg *= (.75 + .3*_shade(bump*U*.12))*c.light*(.65 + .4*_smooth(c.inside, -U*.8, 0))
     bg += 230*c.spark(.05)*c.wet
     A['base'] = _soften(c.crop(_mix(bg, liver, _smooth(c.inside, -1, 1)))).astype(np.float32)
+    A['liver'] = c.crop(c.inside) > 0                         # where the liver is (its weight above is over .5)
 
 # %% ../nbs/02_synth.ipynb #289ffdcb
 def _gallbladder(c, A):
@@ -350,7 +362,7 @@ class SynthVideo:
         self.U, self.CW, self.CH = float(height), round(width*1.6), round(height*1.6)
         self.A = anatomy(rng, self.CH, self.CW, self.U)
         self._states(rng); self._camera(rng); self._optics(rng); self._tool_paths(rng)
-        self._key = None
+        self._key = self._lkey = None
     def __repr__(self): return f"SynthVideo({self.video}, seed={self.seed}): {self.n} frames of {self.W}x{self.H}"
 
 # %% ../nbs/02_synth.ipynb #a1c59ae1
@@ -528,29 +540,57 @@ def _paste_sprite(img, a, rgb, c, mask=None):
 
 # %% ../nbs/02_synth.ipynb #935c4a27
 @patch
-def compose(self: SynthVideo, i):
-    "The tissue canvas (HxWx3 uint8) in the state of frame i."
-    A, S, U = self.A, {k: float(v[i]) for k, v in self.S.items()}, self.U
-    img = A['base'].copy()
-    bed = A['bed']; m = _smooth(S['detach']*1.2 - bed.extra[0], 0, .08)
-    bed.paste(img, m)
-    if S['rinse'] > 0: A['glint'].paste(img, S['rinse']*.5)
+def _gb_offset(self: SynthVideo, i):
+    "Where the gallbladder layer sits at frame i: its (dx, dy) shift in whole canvas pixels."
+    return np.round(self._gb_shift(float(self.S['detach'][i]), float(self.S['bagged'][i]))).astype(int)
+
+@patch
+def _scene(self: SynthVideo, i) -> list:
+    "The canvas of frame i as steps in compose order: (layer, CholecSeg8k grey value, alpha factor, dy, dx)."
+    A, S = self.A, {k: float(v[i]) for k, v in self.S.items()}
+    bed = A['bed']; steps = [('bed', 21, _smooth(S['detach']*1.2 - bed.extra[0], 0, .08), 0, 0)]
+    if S['rinse'] > 0: steps.append(('glint', None, S['rinse']*.5, 0, 0))      # glints: no class of their own
     du, keep = A['ducts'], 1.
     if S['cut0']: keep = keep*du.extra[1]
     if S['cut1']: keep = keep*du.extra[2]
     if S['bagged'] > .5: keep = keep*du.extra[0]
-    du.paste(img, None if np.isscalar(keep) else keep)
-    for j, (p0, p1) in enumerate(A['clips'][:int(S['clips'])]):
-        if not (S['bagged'] > .5 and j in (2, 5)): _capsule(img, p0, p1, U*.014, U*.014, (196, 196, 206), spec=.9)
-    gb, fade = A['gb'], 1 - _smooth(S['bagged'], .5, 1)
-    if fade > 0:
-        dx, dy = np.round(self._gb_shift(S['detach'], S['bagged'])).astype(int)
-        gb.paste(img, fade, dy=dy, dx=dx)
-    fat = A['fat']; fat.paste(img, _smooth(fat.extra[0] - S['fat'], 0, .04))
-    bl = A['blood']; bl.paste(img, _smooth(S['blood'] - bl.extra[0], 0, .04))
+    steps.append(('ducts', 25, None if np.isscalar(keep) else keep, 0, 0))
+    steps += [('clip', 255, (p0, p1), 0, 0) for j, (p0, p1) in enumerate(A['clips'][:int(S['clips'])])
+              if not (S['bagged'] > .5 and j in (2, 5))]
+    fade = 1 - _smooth(S['bagged'], .5, 1)
+    if fade > 0: dx, dy = self._gb_offset(i); steps.append(('gb', 22, fade, dy, dx))
+    fat, bl = A['fat'], A['blood']
+    return steps + [('fat', 12, _smooth(fat.extra[0] - S['fat'], 0, .04), 0, 0),
+                    ('blood', 24, _smooth(S['blood'] - bl.extra[0], 0, .04), 0, 0)]
+
+CLIP_COLOUR = (196, 196, 206)
+
+@patch
+def compose(self: SynthVideo, i):
+    "The tissue canvas (HxWx3 uint8) in the state of frame i."
+    A, U = self.A, self.U
+    img = A['base'].copy()
+    for name, cls, m, dy, dx in self._scene(i):
+        if name == 'clip': _capsule(img, *m, U*.014, U*.014, CLIP_COLOUR, spec=.9)
+        else: A[name].paste(img, m, dy=dy, dx=dx)
     return np.clip(img, 0, 255).astype(np.uint8).transpose(1, 2, 0)
 
 # %% ../nbs/02_synth.ipynb #c89cb954
+DRAW_ORDER = (BAG, IRRIGATOR, BIPOLAR, SCISSORS, CLIPPER, HOOK, GRASPER)   # back to front
+
+@patch
+def _tool_pose(self: SynthVideo, i, k):
+    "Tool k at frame i in frame pixels: (tip, port, shaft radius, how far it is inserted)."
+    W, H = self.W, self.H
+    cx, cy, z = self.cam[i]; hw, hh = W/z/2, H/z/2
+    g = self.inserted[i, k]
+    tip = (self.paths[i, k] - (cx - hw, cy - hh))*z            # canvas -> frame coordinates
+    tip = np.clip(tip, (.08*W, .1*H), (.92*W, .9*H))           # keep the working end in view: in the frame,
+    v = tip - self.cc; d = np.hypot(*v)                        # and well inside the circle
+    if d > .78*self.R: tip = self.cc + v*.78*self.R/d
+    port = self.ports[k]; tip = port + g*(tip - port)          # sliding in or out through the port
+    return tip, port, self.U*.032*TOOL_SIZE[k]*z, g
+
 @patch
 def render(self: SynthVideo, i, masks=None):
     "Frame i as planar 3xHxW uint8; if `masks` (7xHxW float32) is given, each tool's coverage is written into it."
@@ -562,20 +602,15 @@ def render(self: SynthVideo, i, masks=None):
     cx, cy, z = self.cam[i]; hw, hh = W/z/2, H/z/2
     img = np.asarray(self._canvas.resize((W, H), Image.NEAREST, box=(cx - hw, cy - hh, cx + hw, cy + hh)))
     img = img.transpose(2, 0, 1).astype(np.float32)
-    for k in (BAG, IRRIGATOR, BIPOLAR, SCISSORS, CLIPPER, HOOK, GRASPER):
-        g = self.inserted[i, k]
-        if g <= 0: continue
-        tip = (self.paths[i, k] - (cx - hw, cy - hh))*z        # canvas -> frame coordinates
-        tip = np.clip(tip, (.08*W, .1*H), (.92*W, .9*H))       # keep the working end in view: in the frame,
-        v = tip - self.cc; d = np.hypot(*v)                    # and well inside the circle
-        if d > .78*self.R: tip = self.cc + v*.78*self.R/d
-        port = self.ports[k]; tip = port + g*(tip - port)      # sliding in or out through the port
+    for k in DRAW_ORDER:
+        if self.inserted[i, k] <= 0: continue
+        tip, port, r, g = self._tool_pose(i, k)
         mk = None if masks is None else masks[k]
         if k == BAG:
             if not hasattr(self, '_bag'): self._bag = bag_sprite(np.random.default_rng([self.seed, self.video, 2]), U)
             _paste_sprite(img, self._bag[0], self._bag[2 if self.S['bagged'][i] > .5 else 1], tip, mk)
             continue
-        draw_tool(img, k, tip, port, U*.032*TOOL_SIZE[k]*z, self.jaw[i], mk, fov=(self.cc, self.R))
+        draw_tool(img, k, tip, port, r, self.jaw[i], mk, fov=(self.cc, self.R))
         if k in (HOOK, BIPOLAR) and self.S['burn'][i] and g == 1:    # the spark of electrocautery
             _capsule(img, tip, tip, 2.2*U/180, 2.2*U/180, (255, 250, 225), shade=0, spec=0, opacity=.85)
     sm = self.S['smoke'][i]
@@ -591,6 +626,117 @@ def frame(self: SynthVideo, i, masks=False):
     ms = np.zeros((7, self.H, self.W), np.float32) if masks else None
     f = self.render(i, ms).transpose(1, 2, 0)
     return (f, ms) if masks else f
+
+# %% ../nbs/02_synth.ipynb #196e9c55
+CHOLECSEG8K_CLASSES = {   # watershed grey value: (class, colour of the colour mask), in CholecSeg8k's class order
+    50: ('Black Background', (127, 127, 127)), 11: ('Abdominal Wall', (210, 140, 140)), 21: ('Liver', (255, 114, 114)),
+    13: ('Gastrointestinal Tract', (231, 70, 156)), 12: ('Fat', (186, 183, 75)), 31: ('Grasper', (170, 255, 0)),
+    23: ('Connective Tissue', (255, 85, 0)), 24: ('Blood', (255, 0, 0)), 25: ('Cystic Duct', (255, 255, 0)),
+    32: ('L-hook Electrocautery', (169, 255, 184)), 22: ('Gallbladder', (255, 160, 165)),
+    33: ('Hepatic Vein', (0, 50, 128)), 5: ('Liver Ligament', (111, 74, 0)), 255: ('ignore', (255, 255, 255))}
+TOOL_CLASS = {GRASPER: 31, HOOK: 32}     # every other tool (and the bag) is 255, ignore
+_PALETTE = np.zeros((256, 3), np.uint8)
+for g, (name, rgb) in CHOLECSEG8K_CLASSES.items(): _PALETTE[g] = rgb
+
+def colour_mask(lab: np.ndarray) -> np.ndarray:
+    "The CholecSeg8k colour mask (HxWx3 uint8 RGB) of a watershed label map (grey values)."
+    return _PALETTE[lab]
+
+# %% ../nbs/02_synth.ipynb #f572217c
+@patch
+def _label_canvas(self: SynthVideo, i) -> np.ndarray:
+    "CholecSeg8k grey values of the tissue canvas in the state of frame i, layer by layer as `compose` paints it."
+    A, U = self.A, self.U
+    lab = np.where(A['liver'], 21, 11).astype(np.uint8)
+    clip = None
+    for name, cls, m, dy, dx in self._scene(i):
+        if cls is None: continue
+        if name != 'clip': A[name].label(lab, cls, m, dy, dx); continue
+        if clip is None: clip, cover = np.zeros((3,) + lab.shape, np.float32), np.zeros(lab.shape, np.float32)
+        _capsule(clip, *m, U*.014, U*.014, CLIP_COLOUR, spec=0, mask=cover)
+    if clip is not None: lab[cover > .5] = 255
+    return lab
+
+@patch
+def _tissue_labels(self: SynthVideo, i) -> np.ndarray:
+    "The label canvas seen through frame i's camera (HxW uint8), before the tools: the crop and resampling of `render`."
+    W, H = self.W, self.H
+    key = i//self.K*self.K
+    if key != self._lkey: self._lcanvas, self._lkey = Image.fromarray(self._label_canvas(key)), key
+    cx, cy, z = self.cam[i]; hw, hh = W/z/2, H/z/2
+    return np.array(self._lcanvas.resize((W, H), Image.NEAREST, box=(cx - hw, cy - hh, cx + hw, cy + hh)))
+
+@patch
+def _outside(self: SynthVideo) -> np.ndarray:
+    "HxW bool: the black margin, where the optics let no light through."
+    return self.V[0] <= 0
+
+@patch
+def _masks(self: SynthVideo, i, masks):
+    "The tool masks of frame i: `masks` if given, else those of a fresh render."
+    if masks is None: masks = np.zeros((7, self.H, self.W), np.float32); self.render(i, masks)
+    return masks
+
+@patch
+def label_map(self: SynthVideo, i,
+              masks=None):  # the tool masks `render(i, masks)` wrote (rendered here if not given)
+    "CholecSeg8k watershed grey values of frame i, HxW uint8 (see the table above)."
+    lab, masks = self._tissue_labels(i), self._masks(i, masks)
+    for k in DRAW_ORDER: lab[masks[k] > .5] = TOOL_CLASS.get(k, 255)
+    lab[self._outside()] = 50
+    return lab
+
+# %% ../nbs/02_synth.ipynb #b1c8466d
+@patch
+def _tool_flow(self: SynthVideo, i, k, xx, yy):
+    "Where pixels (xx, yy) of tool k at frame i are at frame i+1: the tool's rigid motion."
+    tip, port, r, g = self._tool_pose(i, k); tip2, port2, r2, g2 = self._tool_pose(i + 1, k)
+    if k == BAG:                                              # a sprite pasted at whole pixels around its centre
+        h, w = int(self.U*.55), int(self.U*.65)                # the size of `bag_sprite`
+        return (xx + int(tip2[0] - w/2) - int(tip[0] - w/2), yy + int(tip2[1] - h/2) - int(tip[1] - h/2))
+    frame = lambda tip, port: (lambda a: (a, np.array([-a[1], a[0]])))((port - tip)/np.hypot(*(port - tip)))
+    (a, n), (a2, n2) = frame(tip, port), frame(tip2, port2)
+    X, Y = xx - tip[0], yy - tip[1]
+    u, v = (X*a[0] + Y*a[1])/r, (X*n[0] + Y*n[1])/r           # tool coordinates: along the shaft, across it
+    return tip2[0] + (u*a2[0] + v*n2[0])*r2, tip2[1] + (u*a2[1] + v*n2[1])*r2
+
+@patch
+def flow(self: SynthVideo, i,
+         masks=None):  # the tool masks `render(i, masks)` wrote (rendered here if not given)
+    "Ground-truth forward optical flow from frame i to frame i+1, HxWx2 float32 (dx, dy) in frame pixels."
+    if not 0 <= i < self.n: raise FreelunchError(f"frame {i} is out of range: {self!r} has frames 0..{self.n - 1}.")
+    W, H = self.W, self.H
+    fl = np.zeros((H, W, 2), np.float32)
+    if i == self.n - 1: return fl                             # no next frame: the flow to itself
+    yy, xx = np.mgrid[0:H, 0:W].astype(np.float64)
+    (cx, cy, z), (cx2, cy2, z2) = self.cam[i], self.cam[i + 1]
+    X, Y = cx + (xx + .5 - W/2)/z, cy + (yy + .5 - H/2)/z     # the canvas point seen at each pixel of frame i
+    if (i + 1)//self.K != i//self.K:                          # the canvas is recomposed: the gallbladder may move
+        d = self._gb_offset((i + 1)//self.K*self.K) - self._gb_offset(i//self.K*self.K)
+        if d.any(): gb = self._tissue_labels(i) == 22; X[gb] += d[0]; Y[gb] += d[1]
+    x2, y2 = W/2 + z2*(X - cx2) - .5, H/2 + z2*(Y - cy2) - .5
+    masks = self._masks(i, masks)
+    for k in DRAW_ORDER:                                      # back to front: the front-most tool wins
+        on = masks[k] > .5
+        if self.inserted[i, k] <= 0 or not on.any(): continue
+        tx, ty = self._tool_flow(i, k, xx[on], yy[on]); x2[on], y2[on] = tx, ty
+    fl[..., 0], fl[..., 1] = x2 - xx, y2 - yy
+    fl[self._outside()] = 0
+    return fl
+
+# %% ../nbs/02_synth.ipynb #38386abd
+TIP_AT = np.array([0, 0, -.9, 0, 0, 0])   # where the tip lies along the shaft, in shaft radii (the hook's bend)
+
+@patch
+def tips(self: SynthVideo, i) -> list:
+    "The instrument tips at frame i: (tool, x, y, in_view) for each tool inserted (not the bag), x and y in frame pixels."
+    out = []
+    for k in range(BAG):
+        if self.inserted[i, k] <= 0: continue
+        tip, port, r, g = self._tool_pose(i, k)
+        x, y = tip + TIP_AT[k]*r*(port - tip)/np.hypot(*(port - tip))
+        out.append((k, float(x), float(y), bool(np.hypot(x - self.cc[0], y - self.cc[1]) < self.R)))
+    return out
 
 # %% ../nbs/02_synth.ipynb #ac58a8db
 def _av_frame(img):
@@ -629,13 +775,67 @@ def _files(out, v):
     out, n = Path(out), _name(v)
     return out/'videos'/f'{n}.mp4', out/'phase_annotations'/f'{n}-phase.txt', out/'tool_annotations'/f'{n}-tool.txt'
 
-def write_synth_video(out, video, seed=0, minutes=2., width=320, height=180, threads=1) -> int:
-    "Write SynthCholec video `video` and its annotations into the dataset folder `out`; returns its frame count."
+SEG_CLIPS, SEG_FRAMES = 4, 5   # ground-truth clips per video, consecutive frames per clip (see below)
+
+def write_synth_video(out, video, seed=0, minutes=2., width=320, height=180, threads=1,
+                      seg_clips=SEG_CLIPS, seg_frames=SEG_FRAMES) -> int:
+    "Write SynthCholec video `video`, its annotations and its ground-truth clips into the dataset folder `out`; returns its frame count."
     sv = SynthVideo(video, seed, minutes, width, height)
     mp4, ph, tl = _files(out, video)
     write_phase_file(ph, sv.labels); write_tool_file(tl, sv.tools)
     write_mp4(mp4, (sv.render(i) for i in range(sv.n)), width, height, threads=threads)
+    write_synth_segmentation(out, video, clips=seg_clips, frames=seg_frames, sv=sv)
     return sv.n
+
+# %% ../nbs/02_synth.ipynb #7de34c45
+def seg_clip_starts(n, clips=SEG_CLIPS, frames=SEG_FRAMES) -> list:
+    "First frames of `clips` clips of `frames` consecutive frames spread evenly over a video of `n` frames."
+    if clips <= 0 or frames <= 0: return []
+    frames = min(frames, n)
+    s = np.round((np.arange(clips) + .5)*n/clips - frames/2).astype(int)
+    return sorted(set(np.clip(s, 0, n - frames).tolist()))
+
+def _seg_dir(out, v, start): return Path(out)/'segmentation'/_name(v)/f'{_name(v)}_{start:05d}'
+
+def _seg_files(start, frames):
+    kinds = ('endo.png', 'endo_watershed_mask.png', 'endo_color_mask.png', 'flow.npy')
+    return [f'frame_{n}_{k}' for n in range(start, start + frames) for k in kinds] + ['tips.csv']
+
+def _seg_missing(out, v, n, clips=SEG_CLIPS, frames=SEG_FRAMES) -> list:
+    "Start frames of the clips of video `v` (of `n` frames) that are not completely written."
+    f = min(frames, n)
+    return [s for s in seg_clip_starts(n, clips, frames)
+            if not all((_seg_dir(out, v, s)/x).is_file() for x in _seg_files(s, f))]
+
+def _write_clip(d, sv, start, frames):
+    "Write one clip of ground truth into the (new, empty) folder `d`."
+    rows = []
+    for n in range(start, start + frames):
+        ms = np.zeros((7, sv.H, sv.W), np.float32)
+        img = sv.render(n, ms).transpose(1, 2, 0); lab = sv.label_map(n, ms)
+        Image.fromarray(img).save(d/f'frame_{n}_endo.png', compress_level=1)
+        Image.fromarray(lab).save(d/f'frame_{n}_endo_watershed_mask.png', compress_level=1)
+        Image.fromarray(colour_mask(lab)).save(d/f'frame_{n}_endo_color_mask.png', compress_level=1)
+        np.save(d/f'frame_{n}_flow.npy', sv.flow(n, ms).astype(np.float16))
+        rows += [f'{n},{k},{x:.2f},{y:.2f},{int(inview)}\n' for k, x, y, inview in sv.tips(n)]
+    (d/'tips.csv').write_text('frame,tool,x,y,in_view\n' + ''.join(rows))
+
+def write_synth_segmentation(out, video, seed=0, minutes=2., width=320, height=180,
+                             clips=SEG_CLIPS, frames=SEG_FRAMES,
+                             sv=None) -> int:   # the video's `SynthVideo`, if already made
+    "Write the missing ground-truth clips of SynthCholec video `video` into `out/segmentation/`; returns how many."
+    sv = sv or SynthVideo(video, seed, minutes, width, height)
+    todo = _seg_missing(out, video, sv.n, clips, frames)
+    for start in todo:
+        d = _seg_dir(out, video, start); tmp = atomic_path(d)
+        shutil.rmtree(tmp, ignore_errors=True); tmp.mkdir()
+        try:
+            _write_clip(tmp, sv, start, min(frames, sv.n))
+            if d.exists(): shutil.rmtree(d)                   # a clip left incomplete (files deleted by hand)
+            os.replace(tmp, d)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True); raise
+    return len(todo)
 
 # %% ../nbs/02_synth.ipynb #243ba498
 SYNTH_VERSION = 1              # bump when the generator's output changes
@@ -647,9 +847,12 @@ def synth_split(videos: int) -> dict:
     v = list(range(1, videos + 1))
     return {'train': v[:n_train], 'val': v[n_train:n_train + n_val], 'test': v[n_train + n_val:]}
 
-def _params(videos, seed, minutes, width, height):
+def _params(videos, seed, minutes, width, height, seg_clips=SEG_CLIPS, seg_frames=SEG_FRAMES):
     return dict(generator='SynthCholec', version=SYNTH_VERSION, videos=int(videos), seed=int(seed),
-                minutes=float(minutes), width=int(width), height=int(height), fps=FPS)
+                minutes=float(minutes), width=int(width), height=int(height), fps=FPS,
+                segmentation=dict(clips=int(seg_clips), frames=int(seg_frames)))
+
+_BEFORE = dict(segmentation=dict(clips=SEG_CLIPS, frames=SEG_FRAMES))   # keys older folders lack: read as these
 
 def _check_folder(out, params):
     "Raise DataError unless `out` is new, empty, or a SynthCholec folder made with the same parameters."
@@ -659,7 +862,7 @@ def _check_folder(out, params):
                         "Give a new or empty folder, or delete this one first.")
     try: old = json.loads((out/MARKER).read_text())
     except json.JSONDecodeError as e: raise DataError(f"{out/MARKER} is unreadable ({e}); delete {out} and rerun.") from e
-    diff = {k: (old.get(k), v) for k, v in params.items() if old.get(k) != v}
+    diff = {k: (old.get(k, _BEFORE.get(k)), v) for k, v in params.items() if old.get(k, _BEFORE.get(k)) != v}
     if diff:
         raise DataError(f"{out} holds a SynthCholec set made with other parameters ("
                         + ', '.join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in diff.items())
@@ -668,14 +871,22 @@ def _check_folder(out, params):
 def _complete(out, v): return all(p.is_file() for p in _files(out, v))
 
 def _clean_tmp(out):
-    "Remove temporary files left by an interrupted run."
-    for d in (out, out/'videos', out/'phase_annotations', out/'tool_annotations'):
+    "Remove temporary files (and clip folders) left by an interrupted run."
+    seg = out/'segmentation'
+    for d in (out, out/'videos', out/'phase_annotations', out/'tool_annotations', seg, *(seg.glob('video*'))):
         if d.is_dir():
-            for p in d.glob(f'.*{TMP_SUFFIX}*'): p.unlink(missing_ok=True)
+            for p in d.glob(f'.*{TMP_SUFFIX}*'):
+                if p.is_dir(): shutil.rmtree(p, ignore_errors=True)
+                else: p.unlink(missing_ok=True)
+
+def _make_video(out, v, seed, minutes, width, height, threads, seg_clips, seg_frames):
+    "Make what video `v` lacks: everything, or (an older folder) only its ground-truth clips."
+    if not _complete(out, v): return write_synth_video(out, v, seed, minutes, width, height, threads, seg_clips, seg_frames)
+    write_synth_segmentation(out, v, seed, minutes, width, height, seg_clips, seg_frames)
 
 # %% ../nbs/02_synth.ipynb #a9fee51c
 def _readme(p, split):
-    floor = phase_scale(p['minutes'])[0]
+    floor, sg = phase_scale(p['minutes'])[0], p['segmentation']
     return f"""# SynthCholec (synthetic data)
 
 A small **synthetic** stand-in for Cholec80 written by `freelunch.synth.make_synthcholec` (generator version
@@ -686,6 +897,15 @@ so the code that reads the real dataset reads this one.
   of view with black margins; {p['minutes']:g} minutes long on average.
 - `phase_annotations/videoXX-phase.txt`: `Frame<TAB>Phase`, one row per frame, the 7 Cholec80 phases.
 - `tool_annotations/videoXX-tool.txt`: the 7 Cholec80 tools, 0/1, one row per second (frames 0, 25, 50, ...).
+- `segmentation/videoXX/videoXX_SSSSS/`: ground truth in the CholecSeg8k layout, {sg['clips']} clips of {sg['frames']}
+  consecutive frames per video spread evenly over it (SSSSS: the clip's first frame). For each frame N (its number
+  in the 25 fps video): `frame_N_endo.png` (the frame as drawn, lossless, before the video codec),
+  `frame_N_endo_watershed_mask.png` (one channel: CholecSeg8k grey values 50 black background, 11 abdominal wall,
+  21 liver, 12 fat, 22 gallbladder, 25 cystic duct (and artery), 24 blood, 31 grasper, 32 L-hook electrocautery,
+  255 ignore: the other tools, the bag, the clips), `frame_N_endo_color_mask.png` (CholecSeg8k's display colours),
+  `frame_N_flow.npy` (float16 HxWx2: optical flow (dx, dy) in pixels from frame N to frame N+1, pixel (x, y) moves
+  to (x+dx, y+dy); 0 outside the field of view and for the last frame). `tips.csv` per clip: frame, tool (the column
+  of the tool annotations), x, y (pixels) and in_view (1 if inside the field of view) of each inserted instrument.
 - `split.json`: train {split['train']}, val {split['val']}, test {split['test']}.
 - `{MARKER}`: the parameters; it marks this folder as SynthCholec.
 
@@ -700,7 +920,7 @@ Seed {p['seed']}. To make it again (annotations identical, frames identical up t
     freelunch synth OUT --videos {p['videos']} --seed {p['seed']} --minutes {p['minutes']:g} --width {p['width']} --height {p['height']}
 
 or, in Python, `make_synthcholec(OUT, videos={p['videos']}, seed={p['seed']}, minutes={p['minutes']:g},
-width={p['width']}, height={p['height']})`.
+width={p['width']}, height={p['height']}, seg_clips={sg['clips']}, seg_frames={sg['frames']})`.
 """
 
 def make_synthcholec(out,          # the dataset folder: new, empty, or an earlier SynthCholec run to complete
@@ -709,28 +929,34 @@ def make_synthcholec(out,          # the dataset folder: new, empty, or an earli
                      minutes=2.,   # mean video length in minutes
                      width=320,    # frame width in pixels (even)
                      height=180,   # frame height in pixels (even)
-                     workers=None  # parallel processes (default: one per core, at most one per video)
+                     workers=None, # parallel processes (default: one per core, at most one per video)
+                     seg_clips=SEG_CLIPS,   # clips of ground truth per video in `segmentation/` (0: none)
+                     seg_frames=SEG_FRAMES  # consecutive frames per clip
                     ) -> Path:
-    "Write SynthCholec into `out` in the raw Cholec80 layout; completes an interrupted run, skips a finished one."
+    "Write SynthCholec into `out` in the raw Cholec80 layout; completes an interrupted run (or an older folder), skips a finished one."
     if videos < 1 or minutes <= 0: raise FreelunchError(f"videos must be >= 1 and minutes > 0 (got {videos}, {minutes}).")
     if width % 2 or height % 2 or min(width, height) < 32:
         raise FreelunchError(f"width and height must be even and at least 32 pixels (got {width}x{height}).")
-    out, p = Path(out).expanduser(), _params(videos, seed, minutes, width, height)
+    if seg_clips < 0 or seg_frames < 1:
+        raise FreelunchError(f"seg_clips must be >= 0 and seg_frames >= 1 (got {seg_clips}, {seg_frames}).")
+    out, p = Path(out).expanduser(), _params(videos, seed, minutes, width, height, seg_clips, seg_frames)
     _check_folder(out, p)
-    todo = [v for v in range(1, videos + 1) if not _complete(out, v)]
+    n = {v: len(synth_annotations(v, seed, minutes)[0]) for v in range(1, videos + 1)}
+    todo = [v for v in n if not _complete(out, v) or _seg_missing(out, v, n[v], seg_clips, seg_frames)]
     if not todo and (out/'split.json').is_file() and (out/'README.md').is_file(): return out
     with atomic_write(out/MARKER) as f: json.dump(p, f, indent=1)
     _clean_tmp(out)
-    todo.sort(key=lambda v: -len(synth_annotations(v, seed, minutes)[0]))     # longest first: better packing
+    todo.sort(key=lambda v: (_complete(out, v), -n[v]))     # whole videos first, longest first: better packing
     workers = max(1, min(workers or os.cpu_count() or 1, len(todo) or 1))
     threads = max(1, (os.cpu_count() or 1)//workers)
-    with progress(total=len(todo), unit='video', desc=f'SynthCholec: {len(todo)} of {videos} videos to make') as bar:
+    args = (seed, minutes, width, height, threads, seg_clips, seg_frames)
+    with progress(total=len(todo), unit='video', desc=f'SynthCholec: {len(todo)} of {videos} videos to make or complete') as bar:
         if workers == 1:
-            for v in todo: write_synth_video(out, v, seed, minutes, width, height, threads); bar.update()
+            for v in todo: _make_video(out, v, *args); bar.update()
         else:
             import freelunch.synth as lib          # the workers import the library (this also works from a notebook)
             with ProcessPoolExecutor(workers) as ex:
-                jobs = [ex.submit(lib.write_synth_video, out, v, seed, minutes, width, height, threads) for v in todo]
+                jobs = [ex.submit(lib._make_video, out, v, *args) for v in todo]
                 for j in as_completed(jobs): j.result(); bar.update()
     split = synth_split(videos)
     write_split_file(out/'split.json', split)
