@@ -88,7 +88,7 @@ def format_summary(s: dict) -> str:
 
 # %% ../nbs/14_cli.ipynb #20827520
 CHAPTERS = ('freelunch.zoo', 'freelunch.distill', 'freelunch.baselines', 'freelunch.msn', 'freelunch.dense', 'freelunch.finetune', 'freelunch.tcn',
-            'freelunch.metrics', 'freelunch.pipeline')
+            'freelunch.metrics', 'freelunch.pipeline', 'freelunch.segment', 'freelunch.flowstudy')
 
 def _chapters() -> list:
     "The modules of `CHAPTERS`, each of which defines `add_cli`."
