@@ -19,9 +19,9 @@ __all__ = ['IGNORE', 'CHOLECSEG8K', 'LABELS', 'N_LABELS', 'SHARED', 'BORDER_GREY
            'M2CAI_TO_LABEL', 'CHOLEC_COLOUR_TO_LABEL', 'DATASETS', 'colourise', 'load_mask', 'scan_cholecseg8k',
            'scan_m2caiseg', 'fake_cholecseg8k', 'fake_m2caiseg', 'default_test_videos', 'read_segmentation',
            'pick_labelled', 'SegFrames', 'iou_counts', 'iou_scores', 'frame_maps', 'SegHead', 'fit_head', 'score_head',
-           'load_segment_backbone', 'default_segmentation_data', 'segment_run', 'segment', 'label_curve',
-           'plot_label_curve', 'predict_masks', 'show_segmentation', 'cell_labels', 'plot_cell_umap', 'format_result',
-           'add_cli']
+           'load_segment_backbone', 'default_segmentation_data', 'check_head_options', 'segment_run', 'segment',
+           'label_curve', 'plot_label_curve', 'predict_masks', 'show_segmentation', 'cell_labels', 'plot_cell_umap',
+           'format_result', 'add_cli']
 
 # %% ../nbs/08d_segment.ipynb #3a379524
 IGNORE = 255     # label of pixels that are neither trained on nor scored
@@ -441,6 +441,12 @@ def _finetune_head(f, ds, classes, steps, lr, backbone_lr, batch, loss_size, see
         opt.zero_grad(); loss.backward(); opt.step()
     return f.eval(), head.cpu().eval()
 
+def check_head_options(who: str, size, steps, batch):
+    "Refuse sizes, step and batch counts a head cannot be trained with, naming the command and the value."
+    for k, v in dict(size=size, steps=steps, batch=batch).items():
+        if not (isinstance(v, int) and v >= 1): raise FreelunchError(f"{who}: {k} must be a positive integer (got {v!r}).")
+    if size < 32: raise FreelunchError(f"{who}: size must be at least 32 pixels (got {size}).")
+
 def segment_run(model=None,              # backbone: registry name, run folder, file, 'random:ARCH' or a module (default: the free model)
                 data=None,               # test data (and train data without `train_data`): folder or `read_segmentation` table
                 n_labels: int = 10,      # labelled training frames, from distinct videos where possible
@@ -461,9 +467,7 @@ def segment_run(model=None,              # backbone: registry name, run folder, 
     "`segment`'s result, with the trained head, the backbone, the test frames and their maps under '_run'."
     import time
     t0 = time.time()
-    for k, v in dict(size=size, steps=steps, batch=batch).items():
-        if not (isinstance(v, int) and v >= 1): raise FreelunchError(f"segment: {k} must be a positive integer (got {v!r}).")
-    if size < 32: raise FreelunchError(f"segment: size must be at least 32 pixels (got {size}).")
+    check_head_options('segment', size=size, steps=steps, batch=batch)
     data = default_segmentation_data() if data is None else data
     te = read_segmentation(data, test_videos)
     tr_all = te if train_data is None else read_segmentation(train_data)
@@ -531,16 +535,18 @@ def label_curve(models: dict,            # name → backbone spec or module
                     rows.append(dict(model=name, n=n, seed=s, miou=r['miou'])); bar.update()
     return pd.DataFrame(rows)
 
-def plot_label_curve(df: pd.DataFrame, ax=None, title: str = None):
-    "mIoU against the number of labelled frames: mean ± std over seeds, one line per model."
+def plot_label_curve(df: pd.DataFrame, ax=None, title: str = None,
+                     metric: str = 'miou',    # the column drawn (`freelunch.tips.tip_curve` gives 'pck')
+                     ylabel: str = 'mIoU (test videos)'):
+    "A score against the number of labelled frames: mean ± std over seeds, one line per model."
     import matplotlib.pyplot as plt
     ax = ax or plt.subplots(figsize=(5, 3.4))[1]
     for name, g in df.groupby('model', sort=False):
-        s = g.groupby('n').miou.agg(['mean', 'std']).fillna(0)
+        s = g.groupby('n')[metric].agg(['mean', 'std']).fillna(0)
         ax.plot(s.index, s['mean'], marker='o', label=name)
         ax.fill_between(s.index, s['mean'] - s['std'], s['mean'] + s['std'], alpha=.25)
-    ax.set_xscale('log'); ax.set_xticks(sorted(df.n.unique())); ax.set_xticklabels(sorted(df.n.unique()))
-    ax.set_xlabel('labelled frames N'); ax.set_ylabel('mIoU (test videos)'); ax.legend(frameon=False)
+    ax.set_xscale('log'); ax.minorticks_off(); ax.set_xticks(sorted(df.n.unique())); ax.set_xticklabels(sorted(df.n.unique()))
+    ax.set_xlabel('labelled frames N'); ax.set_ylabel(ylabel); ax.legend(frameon=False)
     if title: ax.set_title(title)
     return ax
 
@@ -609,6 +615,13 @@ def format_result(r: dict) -> str:
 def _cmd_segment(a):
     from freelunch.cli import parse_videos
     data, out = (a.data, a.out) if a.out is not None else (None, a.data)
+    if a.task == 'tips':
+        from freelunch.tips import tips, format_tips
+        if a.train_data or a.finetune: raise FreelunchError("segment --task tips: --train-data and --finetune are for --task segment.")
+        r = tips(a.model, data, n_labels=a.labels, seed=a.seed, size=a.size, epochs=a.epochs, pck_px=a.pck_px,
+                 test_videos=parse_videos(a.test_videos), max_test=a.max_test, out=out, device=a.device,
+                 **({'steps': a.steps} if a.steps else {}))
+        print(format_tips(r)); print(f"result written to {Path(out)/'result.json'}"); return
     r = segment(a.model, data, n_labels=a.labels, seed=a.seed, size=a.size, epochs=a.epochs, finetune=a.finetune,
                 train_data=a.train_data, test_videos=parse_videos(a.test_videos), max_test=a.max_test, out=out,
                 device=a.device, **({'steps': a.steps} if a.steps else {}))
@@ -627,6 +640,9 @@ def add_cli(sub, parsers):
     s.add_argument('--epochs', type=int, help='passes over the labelled frames (default: 300 steps)')
     s.add_argument('--steps', type=int, help='Adam steps (default 300)')
     s.add_argument('--finetune', action='store_true', help='train the backbone too (slower)')
+    s.add_argument('--task', choices=('segment', 'tips'), default='segment',
+                   help='segment: scene classes (IoU); tips: instrument tips on SynthCholec (heat-map head, PCK) (default segment)')
+    s.add_argument('--pck-px', type=float, default=20., help='--task tips: PCK threshold in frame pixels (default 20)')
     s.add_argument('--test-videos', help='CholecSeg8k layout: test video numbers, e.g. 41-50 (default: the last ~30 %%)')
     s.add_argument('--max-test', type=int, help='score at most this many test frames')
     s.add_argument('--device', help='e.g. cpu, cuda:0')

@@ -37,3 +37,22 @@ def test_segment_errors(folders, tmp_path, args, msg):
     r = fl('segment', *a, *FAST, check=False)
     assert r.returncode == 2 and msg in r.stderr, r.stderr
     assert not (tmp_path/'o'/'result.json').exists()
+
+def test_segment_tips(tmp_path):
+    "`--task tips` on a fake folder with tips.csv: PCK printed and written; no tips.csv and too many labels are refused before writing."
+    from freelunch.tips import fake_tips
+    ft = fake_tips(tmp_path/'ft', videos=4, frames=4)
+    r = fl('segment', ft, tmp_path/'t', '--task', 'tips', '--model', 'random:tiny', '--size', '48', '--steps', '30',
+           '--labels', 4, '--pck-px', 8)
+    assert 'PCK@8px' in r.stdout and 'floor' in r.stdout, r.stdout
+    res = json.loads((tmp_path/'t'/'result.json').read_text())
+    assert res['task'] == 'tips' and res['test_videos'] == ['video04'] and 0 <= res['pck'] <= 1 and res['test_tips'] > 0
+    cs = fake_cholecseg8k(tmp_path/'cs', videos=3, frames=1)
+    for f in cs.glob('*/*/tips.csv'): f.unlink()
+    for args, msg in [([cs, tmp_path/'o'], 'tips.csv: no tip file'),
+                      ([ft, tmp_path/'o', '--labels', 99], 'asked for 99 labelled frames but only'),
+                      ([ft, tmp_path/'o', '--pck-px', 0], 'the PCK threshold must be a positive number'),
+                      ([ft, tmp_path/'o', '--finetune'], '--train-data and --finetune are for --task segment')]:
+        r = fl('segment', *args, '--task', 'tips', '--model', 'random:tiny', '--size', '48', check=False)
+        assert r.returncode == 2 and msg in r.stderr, r.stderr
+        assert not (tmp_path/'o').exists()
