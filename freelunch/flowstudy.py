@@ -41,8 +41,9 @@ def flow_study(out,                         # study folder: prep/, runs/, curve.
                eval_size: int = 128,        # frame side the backbones see when segmenting
                steps: int = 300,            # Adam steps of each head
                max_test: int = None,
+               tips: bool = True,           # score instrument tips too (Chapter 8f: PCK@20px, heat-map head)
                quiet: bool = False) -> dict:
-    "Pretrain MoCo v2 and the three dense variants on the same frames, then the label-count curve of each beside the free model."
+    "Pretrain MoCo v2 and the three dense variants on the same frames, then the label-count curves (segmentation, tips) of each beside the free model."
     from freelunch.data import prepare
     from freelunch.train import pretrain
     from freelunch.zoo import DEFAULT_FREE
@@ -68,25 +69,34 @@ def flow_study(out,                         # study folder: prep/, runs/, curve.
                 pretrain(prep, run, method=method, arch=arch, size=size, epochs=epochs, batch=batch, lr=lr, seed=ps,
                          resume=(run/'config.json').is_file(), quiet=quiet, knn_frames=500, **kw)
             runs[(name, ps)] = run
-    frames = []
+    frames, tip_frames = [], []
     for ps in pretrain_seeds:
         models = {'Free model (ImageNet)': DEFAULT_FREE, f'Untrained {arch}': f'random:{arch}'} if ps == pretrain_seeds[0] else {}
         models.update({name: runs[(name, ps)] for name in STUDY_ROWS})
         frames.append(label_curve(models, raw, ns=ns, seeds=seeds, size=eval_size, steps=steps, max_test=max_test)
                       .assign(pretrain_seed=ps))
+        if tips:
+            from freelunch.tips import tip_curve
+            tip_frames.append(tip_curve(models, raw, ns=ns, seeds=seeds, size=eval_size, steps=steps, max_test=max_test)
+                              .assign(pretrain_seed=ps))
     df = pd.concat(frames, ignore_index=True)
     with atomic_write(out/'curve.csv') as f: df.to_csv(f, index=False)
+    tdf = pd.concat(tip_frames, ignore_index=True) if tips else None
+    if tips:
+        with atomic_write(out/'tip_curve.csv') as f: tdf.to_csv(f, index=False)
     s = dict(settings=dict(raw=str(raw), arch=arch, size=size, epochs=epochs, batch=batch, lr=lr, sigma=sigma,
                            pretrain_seeds=list(pretrain_seeds), ns=list(ns), seeds=list(seeds), eval_size=eval_size, steps=steps),
              table=study_table(df).to_dict(orient='index'), differences=study_differences(df),
+             tips=None if not tips else dict(table=study_table(tdf, 'pck').to_dict(orient='index'),
+                                              differences=study_differences(tdf, metric='pck')),
              runs={f'{k[0]} (seed {k[1]})': str(v) for k, v in runs.items()}, seconds=round(time.time() - t0, 1))
     with atomic_write(out/'summary.json') as f: json.dump(s, f, indent=1)
-    return dict(curve=df, summary=s, prep=prep, runs=runs)
+    return dict(curve=df, tip_curve=tdf, summary=s, prep=prep, runs=runs)
 
 # %% ../nbs/08e_flowstudy.ipynb #b8b285d7
-def study_table(df: pd.DataFrame) -> pd.DataFrame:
-    "mIoU mean ± std (in %) per row (model) and number of labelled frames (column)."
-    g = df.groupby(['model', 'n'], sort=False).miou.agg(['mean', 'std', 'count'])
+def study_table(df: pd.DataFrame, metric: str = 'miou') -> pd.DataFrame:
+    "A score's mean ± std (in %; mIoU, or 'pck' for tips) per row (model) and number of labelled frames (column)."
+    g = df.groupby(['model', 'n'], sort=False)[metric].agg(['mean', 'std', 'count'])
     cell = lambda r: f"{100*r['mean']:.1f} ± {100*(r['std'] if r['count'] > 1 else 0):.1f}"
     t = g.apply(cell, axis=1).unstack('n')
     return t.reindex(df.model.drop_duplicates())
@@ -94,8 +104,8 @@ def study_table(df: pd.DataFrame) -> pd.DataFrame:
 STUDY_PAIRS = (('Laparoflow (DIS)', 'Dense (no flow)'), ('Laparoflow (exact flow)', 'Laparoflow (DIS)'),
                ('Laparoflow (DIS)', 'MoCo v2'), ('Dense (no flow)', 'MoCo v2'), ('MoCo v2', 'Untrained tiny'))
 
-def study_differences(df: pd.DataFrame, pairs=STUDY_PAIRS) -> dict:
-    "Paired mIoU differences a − b (points of %) per N: mean, std, seeds, and whether it holds (|mean| > 2 standard errors)."
+def study_differences(df: pd.DataFrame, pairs=STUDY_PAIRS, metric: str = 'miou') -> dict:
+    "Paired differences of a score (mIoU, or 'pck') a − b (points of %) per N: mean, std, seeds, and whether it holds (|mean| > 2 standard errors)."
     out = {}
     key = ['n', 'seed'] + (['pretrain_seed'] if 'pretrain_seed' in df else [])
     for a, b in pairs:
@@ -105,7 +115,7 @@ def study_differences(df: pd.DataFrame, pairs=STUDY_PAIRS) -> dict:
             B = pd.concat([B.assign(pretrain_seed=p) for p in A.pretrain_seed.unique()])   # a row trained once
         m = A.merge(B, on=key, suffixes=('_a', '_b'))
         for n, g in m.groupby('n'):
-            d = 100*(g.miou_a - g.miou_b)
+            d = 100*(g[f'{metric}_a'] - g[f'{metric}_b'])
             sem = d.std(ddof=1)/math.sqrt(len(d)) if len(d) > 1 else float('nan')
             verdict = ('not measured' if not sem == sem else 'higher' if d.mean() > 2*sem else
                        'lower' if d.mean() < -2*sem else 'no clear difference')
@@ -118,9 +128,13 @@ def _cmd_study(a):
     from freelunch.cli import parse_videos
     ns = tuple(int(x) for x in a.labels.split(','))
     r = flow_study(a.out, raw=a.raw, epochs=a.epochs, batch=a.batch, sigma=a.sigma, ns=ns, seeds=tuple(range(a.seeds)),
-                   pretrain_seeds=tuple(range(a.pretrain_seeds)), eval_size=a.eval_size, size=a.size, steps=a.steps)
-    print(study_table(r['curve']).to_string())
+                   pretrain_seeds=tuple(range(a.pretrain_seeds)), eval_size=a.eval_size, size=a.size, steps=a.steps,
+                   tips=not a.no_tips)
+    print('mIoU (%), mean ± std:'); print(study_table(r['curve']).to_string())
     for k, v in r['summary']['differences'].items(): print(f"{k}: {v['mean']:+.2f} ± {v['std']:.2f} points ({v['seeds']} seeds): {v['verdict']}")
+    if r['tip_curve'] is not None:
+        print('instrument tips, PCK@20px (%), mean ± std:'); print(study_table(r['tip_curve'], 'pck').to_string())
+        for k, v in r['summary']['tips']['differences'].items(): print(f"tips {k}: {v['mean']:+.2f} ± {v['std']:.2f} points ({v['seeds']} seeds): {v['verdict']}")
     print(f"written to {a.out} in {r['summary']['seconds']:.0f} s")
 
 def add_cli(sub, parsers):
@@ -136,4 +150,5 @@ def add_cli(sub, parsers):
     s.add_argument('--pretrain-seeds', type=int, default=1, help='pretraining runs per row (default 1)')
     s.add_argument('--eval-size', type=int, default=128, help='frame side when segmenting (default 128)')
     s.add_argument('--steps', type=int, default=300, help='Adam steps per head (default 300)')
+    s.add_argument('--no-tips', action='store_true', help='skip the instrument-tip curves')
     s.set_defaults(fn=_cmd_study)

@@ -109,7 +109,7 @@ def from_heat(u, v, W, H, M):
 
 def tip_targets(tips,                    # [(tool, x, y)] visible tips of one frame, frame pixels
                 W, H, M: int,            # frame width and height, heat-map side
-                sigma: float = 3.,       # Gaussian width in heat-map cells
+                sigma: float = 1.5,      # Gaussian width in heat-map cells
                 tools: int = len(TIP_TOOLS)
                ) -> tuple:               # (targets [tools, M, M], each summing to 1 where visible; visible [tools] bool)
     "The heat-map targets of one frame: a normalised Gaussian at each visible tip, one channel per tool."
@@ -192,7 +192,7 @@ def tips_run(model=None,                 # backbone: registry name, run folder, 
              seed: int = 0,              # seed of the draw and of the head
              size: int = 224,            # side of the frames given to the backbone
              heat_size: int = None,      # side of the heat maps (default size/4)
-             sigma: float = 3.,          # target width, heat-map cells
+             sigma: float = 1.5,         # target width, heat-map cells (chosen on the validation videos below)
              window: int = 1,            # decoding: soft-max refinement around the arg-max (0: plain arg-max)
              steps: int = 300,           # Adam steps of the head
              epochs: int = None,         # instead of steps: passes over the labelled frames
