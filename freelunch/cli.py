@@ -27,7 +27,7 @@ def parse_videos(spec: str | None) -> list | None:
 # %% ../nbs/14_cli.ipynb #6062b027
 def cmd_synth(a):
     from freelunch.synth import make_synthcholec
-    kw = {k: getattr(a, k) for k in ('videos', 'seed', 'minutes', 'width', 'height', 'workers') if getattr(a, k) is not None}
+    kw = {k: getattr(a, k) for k in ('videos', 'seed', 'minutes', 'width', 'height', 'workers', 'seg_clips', 'seg_frames') if getattr(a, k) is not None}
     out = make_synthcholec(a.out, **kw)
     print(f"SynthCholec written to {out}")
 
@@ -106,6 +106,8 @@ def _parser():
     s.add_argument('--minutes', type=float, help='mean video length in minutes')
     s.add_argument('--width', type=int, help='frame width in pixels'); s.add_argument('--height', type=int, help='frame height in pixels')
     s.add_argument('--workers', type=int, help='parallel processes (default: one per core)')
+    s.add_argument('--seg-clips', type=int, help='ground-truth clips per video in segmentation/ (masks, flow, tips; default 4, 0: none)')
+    s.add_argument('--seg-frames', type=int, help='consecutive frames per ground-truth clip (default 5)')
     s.set_defaults(fn=cmd_synth)
     s = sub.add_parser('prepare', help='decode videos into frames and a frame index')
     s.add_argument('raw', help='raw dataset folder (Cholec80, M2CAI16 or SynthCholec layout)')

@@ -104,3 +104,14 @@ def test_pretrain_from_the_command_line(synth, tmp_path):
     assert (tmp_path/'run'/'checkpoints'/'last.pt').is_file() and (tmp_path/'run'/'config.json').is_file()
     r = fl(*args[:-2], '--max-steps', 5, '--resume')
     assert 'run written to' in r.stdout
+
+def test_synth_segmentation_clips(tmp_path):
+    "--seg-clips/--seg-frames set the ground-truth clips; 0 clips writes none; a bad count is refused before writing."
+    fl('synth', tmp_path/'s', '--videos', '1', '--minutes', '0.2', '--seg-clips', '2', '--seg-frames', '3')
+    clips = sorted((tmp_path/'s'/'segmentation'/'video01').iterdir())
+    assert len(clips) == 2 and all(len(list(c.glob('frame_*_endo.png'))) == 3 and (c/'tips.csv').is_file() for c in clips)
+    fl('synth', tmp_path/'n', '--videos', '1', '--minutes', '0.2', '--seg-clips', '0')
+    assert not list((tmp_path/'n').glob('segmentation/*/*'))
+    r = fl('synth', tmp_path/'b', '--videos', '1', '--seg-frames', '0', check=False)
+    assert r.returncode == 2 and 'seg_frames >= 1' in r.stderr, r.stderr
+    assert not (tmp_path/'b').exists() or not any((tmp_path/'b').iterdir())
