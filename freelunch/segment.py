@@ -18,10 +18,10 @@ from .core import *
 __all__ = ['IGNORE', 'CHOLECSEG8K', 'LABELS', 'N_LABELS', 'SHARED', 'BORDER_GREY', 'M2CAISEG', 'GREY_TO_LABEL', 'LABEL_COLOURS',
            'M2CAI_TO_LABEL', 'CHOLEC_COLOUR_TO_LABEL', 'DATASETS', 'colourise', 'load_mask', 'scan_cholecseg8k',
            'scan_m2caiseg', 'fake_cholecseg8k', 'fake_m2caiseg', 'default_test_videos', 'read_segmentation',
-           'pick_labelled', 'SegFrames', 'iou_counts', 'iou_scores', 'frame_maps', 'SegHead', 'fit_head', 'score_head',
-           'load_segment_backbone', 'default_segmentation_data', 'check_head_options', 'segment_run', 'segment',
-           'label_curve', 'plot_label_curve', 'predict_masks', 'show_segmentation', 'cell_labels', 'plot_cell_umap',
-           'format_result', 'add_cli']
+           'pick_labelled', 'SegFrames', 'iou_counts', 'iou_scores', 'frame_maps', 'SegHead', 'standardised_head',
+           'fit_head', 'score_head', 'load_segment_backbone', 'default_segmentation_data', 'check_head_options',
+           'segment_run', 'segment', 'label_curve', 'plot_label_curve', 'predict_masks', 'show_segmentation',
+           'cell_labels', 'plot_cell_umap', 'format_result', 'add_cli']
 
 # %% ../nbs/08d_segment.ipynb #3a379524
 IGNORE = 255     # label of pixels that are neither trained on nor scored
@@ -352,6 +352,11 @@ class SegHead(nn.Module):
         z = self.conv((m - self.mean)/self.std)
         return z if size is None else F.interpolate(z, size=(size, size), mode='bilinear', align_corners=False)
 
+def standardised_head(maps: torch.Tensor, classes: int = N_LABELS) -> SegHead:
+    "A fresh `SegHead` whose standardisation holds the per-channel mean and spread of the cells of `maps` [N, C, h, w]."
+    cells = maps.permute(1, 0, 2, 3).reshape(maps.shape[1], -1)
+    return SegHead(maps.shape[1], classes, cells.mean(1), cells.std(1).clamp_min(1e-6))
+
 def _shrink(y, size):
     "Masks [N, M, M] resized (nearest) to at most `size`."
     if size is None or y.shape[-1] <= size: return y.long()
@@ -368,8 +373,7 @@ def fit_head(maps: torch.Tensor,          # [N, C, h, w] maps of the labelled fr
     "Train a `SegHead` on frozen maps: cross-entropy with ignore_index=IGNORE, Adam, `steps` steps of `batch` frames."
     g = torch.Generator().manual_seed(seed); torch.manual_seed(seed)
     maps = maps.contiguous()                     # maps of channels-last images: a plain layout is many times faster here
-    cells = maps.permute(1, 0, 2, 3).reshape(maps.shape[1], -1)
-    head = SegHead(maps.shape[1], classes, cells.mean(1), cells.std(1).clamp_min(1e-6))
+    head = standardised_head(maps, classes)
     y = _shrink(masks, loss_size)
     if (y == IGNORE).all(): raise DataError("the labelled frames have no labelled pixel (every pixel is IGNORE).")
     opt = torch.optim.Adam(head.parameters(), lr=lr, weight_decay=wd)
@@ -430,8 +434,7 @@ def _finetune_head(f, ds, classes, steps, lr, backbone_lr, batch, loss_size, see
     torch.manual_seed(seed); g = torch.Generator().manual_seed(seed)
     f = copy.deepcopy(f).to(device).eval()
     maps, masks = frame_maps(f, ds, device=device)
-    cells = maps.permute(1, 0, 2, 3).reshape(maps.shape[1], -1)
-    head = SegHead(maps.shape[1], classes, cells.mean(1), cells.std(1).clamp_min(1e-6)).to(device)
+    head = standardised_head(maps, classes).to(device)
     xs = torch.stack([ds[i][0] for i in range(len(ds))]); y = _shrink(masks, loss_size)
     opt = torch.optim.Adam([{'params': f.parameters(), 'lr': backbone_lr}, {'params': head.parameters(), 'lr': lr}])
     for _ in progress(range(steps), desc='fine-tuning', unit='step', leave=False):

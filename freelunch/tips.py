@@ -13,8 +13,9 @@ import torch.nn.functional as F
 from PIL import Image
 from .core import *
 from .data import CHOLEC80_TOOLS
-from .segment import (read_segmentation, pick_labelled, SegFrames, SegHead, frame_maps, load_segment_backbone,
-                               default_segmentation_data, check_head_options, _subsample, _json, _image_size)
+from .segment import (read_segmentation, pick_labelled, SegFrames, SegHead, standardised_head, frame_maps,
+                               load_segment_backbone, default_segmentation_data, check_head_options,
+                               _subsample, _json, _image_size)
 
 # %% auto #0
 __all__ = ['TIP_TOOLS', 'TIPS_HEADER', 'PCK_AT', 'FLOOR', 'read_tips', 'tip_table', 'fake_tips', 'to_heat', 'from_heat',
@@ -147,8 +148,7 @@ def fit_tip_head(maps: torch.Tensor,     # [N, C, h, w] frozen maps of the label
     if not visible.any(): raise DataError("the labelled frames have no instrument tip in view.")
     g = torch.Generator().manual_seed(seed); torch.manual_seed(seed)
     maps = maps.contiguous()
-    cells = maps.permute(1, 0, 2, 3).reshape(maps.shape[1], -1)
-    head = SegHead(maps.shape[1], targets.shape[1], cells.mean(1), cells.std(1).clamp_min(1e-6))
+    head = standardised_head(maps, targets.shape[1])
     M = targets.shape[-1]
     opt = torch.optim.Adam(head.parameters(), lr=lr, weight_decay=wd)
     for _ in range(steps):
